@@ -1,0 +1,3 @@
+"""mtssl: Multi-task Self-Supervised Visual Learning (Doersch & Zisserman, 2017)."""
+
+__version__ = '0.1.0'

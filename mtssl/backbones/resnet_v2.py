@@ -1,0 +1,500 @@
+"""TF-Slim ResNet-v2 (pre-activation, bottleneck) as a tf_keras model.
+
+This is a re-statement of `tf_slim.nets.resnet_v2` / `resnet_utils` in tf_keras
+that is numerically identical to it (tests/test_resnet_v2_parity.py checks that
+against tf_slim built in graph mode). The architecture is data: a list of
+`Block(scope, base_depth, num_units, stride)` and one planning function,
+`plan_units`, that owns the output-stride / atrous-rate bookkeeping.
+
+Slim conventions reproduced here (see SPEC section 2):
+
+* A block's stride sits on its LAST unit.
+* Root: `conv1` 7x7/2 with bias, no batch norm, no activation, through
+  `conv2d_same` (explicit symmetric padding), then a 3x3/2 max-pool with SAME
+  padding.
+* Bottleneck unit: `preact` = BN+ReLU(input); shortcut = subsample(input) when
+  the depth does not change, else a 1x1 conv of `preact` with bias; residual =
+  1x1 conv+BN+ReLU -> 3x3 `conv2d_same`(stride, rate)+BN+ReLU -> 1x1 conv with
+  bias; output = shortcut + residual.
+* `conv2d_same`: stride 1 is an ordinary SAME (dilated) convolution; stride > 1
+  pads explicitly (pad_beg = (k_eff - 1) // 2) and runs a VALID convolution.
+  Keras' own 'same' padding with stride 2 pads asymmetrically and is NOT used.
+* Output stride: once the accumulated stride equals the requested output
+  stride, every later unit runs with stride 1 and the atrous rate is multiplied
+  by the stride the unit would have had.
+* `postnorm` (BN+ReLU) follows only the last block of the full network; the
+  paper's trunk stops at block 3, whose end point is the raw residual sum.
+* Regularisation and initialisation of the Slim arg scope: L2 weight decay 1e-4
+  on conv kernels in Slim's form `1e-4 * sum(w**2) / 2`, batch norm decay 0.997
+  and epsilon 1e-5 with scale and center, truncated-normal variance scaling
+  with Slim's `stddev = sqrt(1.3 * 2 / fan_in)`.
+
+Calling the model returns an ordered dict of end points keyed by their Slim
+names, e.g. `resnet_v2_101/block3` and
+`resnet_v2_101/block3/unit_23/bottleneck_v2`; `output_name` is the key of the
+last end point. `slim_variables()` maps every Slim variable name to the Keras
+variable that holds it, which is what checkpoint conversion uses.
+"""
+
+import collections
+import dataclasses
+import math
+from typing import Dict, List, Optional, Sequence
+
+import tensorflow as tf
+import tf_keras
+
+# Slim resnet_arg_scope defaults.
+WEIGHT_DECAY = 1e-4
+BATCH_NORM_DECAY = 0.997
+BATCH_NORM_EPSILON = 1e-5
+ROOT_STRIDE = 4  # conv1 stride 2 followed by pool1 stride 2.
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+  """A ResNet-v2 block: `num_units` bottleneck units, stride on the last one."""
+  scope: str
+  base_depth: int
+  num_units: int
+  stride: int
+
+  def __post_init__(self):
+    if self.base_depth <= 0 or self.num_units <= 0 or self.stride <= 0:
+      raise ValueError(f'Block {self.scope!r}: base_depth, num_units and '
+                       f'stride must be positive, got {self}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitPlan:
+  """One bottleneck unit as it actually runs (after output-stride planning)."""
+  block: str
+  index: int  # 1-based, as in Slim's `unit_%d`.
+  depth: int
+  depth_bottleneck: int
+  stride: int
+  rate: int
+
+  @property
+  def scope(self) -> str:
+    return f'{self.block}/unit_{self.index}/bottleneck_v2'
+
+
+_DEPTH_BLOCKS = {
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+}
+
+
+def resnet_v2_blocks(depth: int, num_blocks: int = 4) -> List[Block]:
+  """The Slim block list of resnet_v2_<depth>, cut after `num_blocks` blocks."""
+  if depth not in _DEPTH_BLOCKS:
+    raise ValueError(f'Unsupported ResNet-v2 depth {depth}; '
+                     f'choose one of {sorted(_DEPTH_BLOCKS)}.')
+  if not 1 <= num_blocks <= 4:
+    raise ValueError(f'num_blocks must be in 1..4, got {num_blocks}.')
+  units = _DEPTH_BLOCKS[depth]
+  blocks = [
+      Block('block1', 64, units[0], 2),
+      Block('block2', 128, units[1], 2),
+      Block('block3', 256, units[2], 2),
+      Block('block4', 512, units[3], 1),
+  ]
+  return blocks[:num_blocks]
+
+
+def plan_units(blocks: Sequence[Block],
+               output_stride: Optional[int],
+               root_stride: int = ROOT_STRIDE) -> List[UnitPlan]:
+  """Strides and atrous rates of every unit, exactly as Slim's stack_blocks_dense.
+
+  Args:
+    blocks: the block list.
+    output_stride: requested ratio of input to output resolution, or None for
+      the nominal stride. Must be a multiple of `root_stride` when given.
+    root_stride: stride of the root block (4 for conv1 + pool1, 1 without).
+
+  Returns:
+    One `UnitPlan` per unit, in order.
+
+  Raises:
+    ValueError: if the output stride is not a multiple of the root stride or
+      cannot be reached with these blocks.
+  """
+  target = None
+  if output_stride is not None:
+    if output_stride <= 0 or output_stride % root_stride != 0:
+      raise ValueError(f'output_stride must be a positive multiple of '
+                       f'{root_stride}, got {output_stride}.')
+    target = output_stride // root_stride
+  current_stride = 1
+  rate = 1
+  plan = []
+  for block in blocks:
+    for i in range(block.num_units):
+      stride = block.stride if i == block.num_units - 1 else 1
+      if target is not None and current_stride > target:
+        raise ValueError(f'The target output_stride {output_stride} cannot be '
+                         f'reached.')
+      if target is not None and current_stride == target:
+        plan.append(UnitPlan(block.scope, i + 1, 4 * block.base_depth,
+                             block.base_depth, 1, rate))
+        rate *= stride
+      else:
+        plan.append(UnitPlan(block.scope, i + 1, 4 * block.base_depth,
+                             block.base_depth, stride, 1))
+        current_stride *= stride
+  if target is not None and current_stride != target:
+    raise ValueError(f'The target output_stride {output_stride} cannot be '
+                     f'reached: these blocks have a nominal stride of '
+                     f'{current_stride * root_stride}.')
+  return plan
+
+
+def nominal_stride(blocks: Sequence[Block], root_stride: int = ROOT_STRIDE):
+  return root_stride * math.prod(b.stride for b in blocks)
+
+
+class SlimVarianceScaling(tf_keras.initializers.Initializer):
+  """Slim's `variance_scaling_initializer()`: factor 2, fan-in, truncated normal.
+
+  Slim draws from a normal truncated at two standard deviations with
+  `stddev = sqrt(1.3 * factor / fan_in)`; Keras' VarianceScaling uses the
+  slightly different correction 1 / 0.8796^2 = 1.2925, so it is not reused.
+  """
+
+  def __init__(self, factor=2.0, seed=None):
+    self.factor = factor
+    self.seed = seed
+
+  def __call__(self, shape, dtype=None, **kwargs):
+    dtype = tf.as_dtype(dtype or tf_keras.backend.floatx())
+    fan_in = 1.0
+    for dim in shape[:-1]:
+      fan_in *= float(dim)
+    stddev = math.sqrt(1.3 * self.factor / fan_in)
+    if self.seed is None:
+      return tf.random.truncated_normal(shape, 0.0, stddev, dtype=dtype)
+    return tf.random.stateless_truncated_normal(
+        shape, seed=[self.seed, 0], mean=0.0, stddev=stddev, dtype=dtype)
+
+  def get_config(self):
+    return {'factor': self.factor, 'seed': self.seed}
+
+
+def slim_l2(weight_decay: float = WEIGHT_DECAY):
+  """Slim's l2_regularizer(wd) = wd * tf.nn.l2_loss(w) = wd * sum(w**2) / 2."""
+  return tf_keras.regularizers.L2(weight_decay / 2.0)
+
+
+def _batch_norm(name):
+  return tf_keras.layers.BatchNormalization(
+      axis=-1, momentum=BATCH_NORM_DECAY, epsilon=BATCH_NORM_EPSILON,
+      center=True, scale=True, name=name)
+
+
+def _bn_variables(bn, prefix) -> Dict[str, tf.Variable]:
+  return {
+      f'{prefix}/gamma': bn.gamma,
+      f'{prefix}/beta': bn.beta,
+      f'{prefix}/moving_mean': bn.moving_mean,
+      f'{prefix}/moving_variance': bn.moving_variance,
+  }
+
+
+class SlimConv2D(tf_keras.layers.Layer):
+  """`slim.conv2d` as used by ResNet-v2, with `conv2d_same` padding.
+
+  With `batch_norm=True` the convolution has no bias and is followed by batch
+  norm (Slim's normalizer_fn) and, with `activation=True`, a ReLU. Without
+  batch norm the convolution has a bias. Strided convolutions use Slim's
+  explicit symmetric padding followed by a VALID convolution; kernel size 1
+  needs no padding at any stride.
+  """
+
+  def __init__(self, filters, kernel_size, stride=1, rate=1, batch_norm=True,
+               activation=True, weight_decay=WEIGHT_DECAY, **kwargs):
+    super().__init__(**kwargs)
+    if stride > 1 and rate > 1:
+      raise ValueError(f'{self.name}: stride {stride} with atrous rate {rate} '
+                       f'is not supported.')
+    self.filters = filters
+    self.kernel_size = kernel_size
+    self.stride = stride
+    self.rate = rate
+    self.use_batch_norm = batch_norm
+    self.use_activation = activation
+    self.weight_decay = weight_decay
+    k_eff = kernel_size + (kernel_size - 1) * (rate - 1)
+    if stride > 1 and k_eff > 1:
+      pad_total = k_eff - 1
+      self._padding = (pad_total // 2, pad_total - pad_total // 2)
+      conv_padding = 'valid'
+    else:
+      self._padding = None
+      conv_padding = 'same'
+    self.conv = tf_keras.layers.Conv2D(
+        filters, kernel_size, strides=stride, dilation_rate=rate,
+        padding=conv_padding, use_bias=not batch_norm,
+        kernel_initializer=SlimVarianceScaling(),
+        kernel_regularizer=slim_l2(weight_decay) if weight_decay else None,
+        bias_initializer='zeros', name='conv')
+    self.bn = _batch_norm('BatchNorm') if batch_norm else None
+
+  def call(self, inputs, training=None):
+    x = inputs
+    if self._padding is not None:
+      beg, end = self._padding
+      x = tf.pad(x, [[0, 0], [beg, end], [beg, end], [0, 0]])
+    x = self.conv(x)
+    if self.bn is not None:
+      x = self.bn(x, training=training)
+    if self.use_activation:
+      x = tf.nn.relu(x)
+    return x
+
+  def slim_variables(self, prefix: str) -> Dict[str, tf.Variable]:
+    out = {f'{prefix}/weights': self.conv.kernel}
+    if self.bn is None:
+      out[f'{prefix}/biases'] = self.conv.bias
+    else:
+      out.update(_bn_variables(self.bn, f'{prefix}/BatchNorm'))
+    return out
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(filters=self.filters, kernel_size=self.kernel_size,
+                  stride=self.stride, rate=self.rate,
+                  batch_norm=self.use_batch_norm,
+                  activation=self.use_activation,
+                  weight_decay=self.weight_decay)
+    return config
+
+
+class BottleneckV2(tf_keras.layers.Layer):
+  """Slim `resnet_v2.bottleneck`: the full pre-activation bottleneck unit."""
+
+  def __init__(self, depth, depth_bottleneck, stride=1, rate=1,
+               weight_decay=WEIGHT_DECAY, **kwargs):
+    super().__init__(**kwargs)
+    self.depth = depth
+    self.depth_bottleneck = depth_bottleneck
+    self.stride = stride
+    self.rate = rate
+    self.weight_decay = weight_decay
+    self.preact = _batch_norm('preact')
+    self.shortcut = None  # Created in build() once the input depth is known.
+    self.conv1 = SlimConv2D(depth_bottleneck, 1, 1, weight_decay=weight_decay,
+                            name='conv1')
+    self.conv2 = SlimConv2D(depth_bottleneck, 3, stride, rate,
+                            weight_decay=weight_decay, name='conv2')
+    self.conv3 = SlimConv2D(depth, 1, 1, batch_norm=False, activation=False,
+                            weight_decay=weight_decay, name='conv3')
+
+  def build(self, input_shape):
+    depth_in = int(input_shape[-1])
+    if depth_in != self.depth:
+      self.shortcut = SlimConv2D(self.depth, 1, self.stride, batch_norm=False,
+                                 activation=False,
+                                 weight_decay=self.weight_decay,
+                                 name='shortcut')
+    super().build(input_shape)
+
+  def call(self, inputs, training=None):
+    preact = tf.nn.relu(self.preact(inputs, training=training))
+    if self.shortcut is None:
+      # Slim's subsample(): a 1x1 max-pool with this stride, i.e. a strided
+      # slice.
+      shortcut = inputs if self.stride == 1 else (
+          inputs[:, ::self.stride, ::self.stride, :])
+    else:
+      shortcut = self.shortcut(preact)
+    residual = self.conv1(preact, training=training)
+    residual = self.conv2(residual, training=training)
+    residual = self.conv3(residual)
+    return shortcut + residual
+
+  def slim_variables(self, prefix: str) -> Dict[str, tf.Variable]:
+    out = _bn_variables(self.preact, f'{prefix}/preact')
+    if self.shortcut is not None:
+      out.update(self.shortcut.slim_variables(f'{prefix}/shortcut'))
+    for conv in (self.conv1, self.conv2, self.conv3):
+      out.update(conv.slim_variables(f'{prefix}/{conv.name}'))
+    return out
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(depth=self.depth, depth_bottleneck=self.depth_bottleneck,
+                  stride=self.stride, rate=self.rate,
+                  weight_decay=self.weight_decay)
+    return config
+
+
+class ResNetV2(tf_keras.Model):
+  """TF-Slim ResNet-v2 trunk returning its end points.
+
+  Args:
+    blocks: list of `Block`; `resnet_v2_blocks(101, 3)` is the paper's trunk.
+    output_stride: None for the nominal stride, else a multiple of 4 (Slim
+      raises on a stride it cannot reach, and so does this).
+    include_root_block: whether conv1/pool1 come first.
+    include_postnorm: apply Slim's final BN+ReLU (`postnorm`) after the last
+      block, as the full Slim network does. The paper's trunk to block 3
+      has none.
+    scope: Slim scope, the prefix of every end point and variable name.
+    weight_decay: L2 weight decay on conv kernels (Slim convention).
+
+  Calling it on an image batch returns an ordered dict {end point: tensor}:
+  `<scope>/conv1` (when the root is included), every unit
+  `<scope>/blockN/unit_M/bottleneck_v2`, every block `<scope>/blockN`, and
+  `<scope>/postnorm` when included. `output_name` names the last one.
+  """
+
+  def __init__(self, blocks: Sequence[Block], output_stride: Optional[int] = None,
+               include_root_block: bool = True, include_postnorm: bool = False,
+               scope: str = 'resnet_v2', weight_decay: float = WEIGHT_DECAY,
+               **kwargs):
+    kwargs.setdefault('name', scope)
+    super().__init__(**kwargs)
+    blocks = list(blocks)
+    if not blocks:
+      raise ValueError('ResNetV2 needs at least one block.')
+    self.block_specs = blocks
+    self.output_stride = output_stride
+    self.include_root_block = include_root_block
+    self.include_postnorm = include_postnorm
+    self.scope = scope
+    self.weight_decay = weight_decay
+    root_stride = ROOT_STRIDE if include_root_block else 1
+    self.unit_plan = plan_units(blocks, output_stride, root_stride)
+    if include_root_block:
+      self.conv1 = SlimConv2D(64, 7, 2, batch_norm=False, activation=False,
+                              weight_decay=weight_decay, name='conv1')
+    else:
+      self.conv1 = None
+    self.units = [
+        BottleneckV2(u.depth, u.depth_bottleneck, u.stride, u.rate,
+                     weight_decay=weight_decay, name=u.scope)
+        for u in self.unit_plan
+    ]
+    self.postnorm = _batch_norm('postnorm') if include_postnorm else None
+    last_units = {(b.scope, b.num_units) for b in blocks}
+    self._ends_block = [(u.block, u.index) in last_units for u in self.unit_plan]
+
+  @property
+  def block_names(self) -> List[str]:
+    return [f'{self.scope}/{b.scope}' for b in self.block_specs]
+
+  def unit_names(self, block: Optional[str] = None) -> List[str]:
+    """End-point names of the units, optionally of one block (e.g. 'block3')."""
+    return [f'{self.scope}/{u.scope}' for u in self.unit_plan
+            if block is None or u.block == block]
+
+  @property
+  def output_name(self) -> str:
+    if self.include_postnorm:
+      return f'{self.scope}/postnorm'
+    return self.block_names[-1]
+
+  @property
+  def output_depth(self) -> int:
+    return 4 * self.block_specs[-1].base_depth
+
+  @property
+  def effective_output_stride(self) -> int:
+    if self.output_stride is not None:
+      return self.output_stride
+    return nominal_stride(self.block_specs,
+                          ROOT_STRIDE if self.include_root_block else 1)
+
+  def call(self, inputs, training=None):
+    end_points = collections.OrderedDict()
+    net = inputs
+    if self.conv1 is not None:
+      net = self.conv1(net)
+      end_points[f'{self.scope}/conv1'] = net
+      net = tf.nn.max_pool2d(net, ksize=3, strides=2, padding='SAME')
+    for plan, unit, ends_block in zip(self.unit_plan, self.units,
+                                      self._ends_block):
+      net = unit(net, training=training)
+      end_points[f'{self.scope}/{plan.scope}'] = net
+      if ends_block:
+        end_points[f'{self.scope}/{plan.block}'] = net
+    if self.postnorm is not None:
+      net = tf.nn.relu(self.postnorm(net, training=training))
+      end_points[f'{self.scope}/postnorm'] = net
+    return end_points
+
+  def slim_variables(self) -> Dict[str, tf.Variable]:
+    """{Slim variable name: Keras variable}; the model must be built."""
+    if not self.built:
+      raise ValueError('Build the model (call it once) before asking for its '
+                       'Slim variables.')
+    out = {}
+    if self.conv1 is not None:
+      out.update(self.conv1.slim_variables(f'{self.scope}/conv1'))
+    for plan, unit in zip(self.unit_plan, self.units):
+      out.update(unit.slim_variables(f'{self.scope}/{plan.scope}'))
+    if self.postnorm is not None:
+      out.update(_bn_variables(self.postnorm, f'{self.scope}/postnorm'))
+    return out
+
+  def build_for_input(self, channels: int = 3):
+    """Creates the variables for inputs of any spatial size; returns self."""
+    self.build((None, None, None, channels))
+    return self
+
+  @property
+  def checkpoint_items(self):
+    """Objects to checkpoint so that the trunk restores on its own."""
+    return {'backbone': self}
+
+  def get_config(self):
+    return {
+        'blocks': [dataclasses.asdict(b) for b in self.block_specs],
+        'output_stride': self.output_stride,
+        'include_root_block': self.include_root_block,
+        'include_postnorm': self.include_postnorm,
+        'scope': self.scope,
+        'weight_decay': self.weight_decay,
+    }
+
+  @classmethod
+  def from_config(cls, config, custom_objects=None):
+    config = dict(config)
+    config['blocks'] = [Block(**b) for b in config['blocks']]
+    return cls(**config)
+
+
+def resnet_v2(depth: int, num_blocks: int = 4, output_stride: Optional[int] = None,
+              include_postnorm: Optional[bool] = None, scope: Optional[str] = None,
+              **kwargs) -> ResNetV2:
+  """resnet_v2_<depth> cut after `num_blocks` blocks (Slim scope by default).
+
+  `include_postnorm` defaults to True only for the full four-block network, as
+  in Slim; a trunk cut earlier ends on the raw block output.
+  """
+  if include_postnorm is None:
+    include_postnorm = num_blocks == 4
+  return ResNetV2(resnet_v2_blocks(depth, num_blocks), output_stride=output_stride,
+                  include_postnorm=include_postnorm,
+                  scope=scope or f'resnet_v2_{depth}', **kwargs)
+
+
+def resnet_v2_50(**kwargs):
+  return resnet_v2(50, **kwargs)
+
+
+def resnet_v2_101(**kwargs):
+  return resnet_v2(101, **kwargs)
+
+
+def resnet_v2_152(**kwargs):
+  return resnet_v2(152, **kwargs)
+
+
+def paper_trunk(output_stride: int = 8, **kwargs) -> ResNetV2:
+  """The paper's trunk: resnet_v2_101 up to block 3 at output stride 8."""
+  return resnet_v2(101, num_blocks=3, output_stride=output_stride, **kwargs)
