@@ -1,0 +1,1 @@
+"""TensorFlow image ops shared by tasks (batched, graph- and XLA-friendly)."""

@@ -1,0 +1,65 @@
+"""sRGB <-> CIE Lab (D65) in TensorFlow, batched and differentiable.
+
+The colour space of colorization (Zhang et al. 2016) and of harmonization.
+The conversion is the standard one scikit-image implements exactly: sRGB
+companding (gamma), the sRGB/D65 RGB->XYZ matrix, normalization by the D65
+white point and the CIE f(t) with its linear segment below (6/29)^3. L is in
+[0, 100]; a and b are roughly in [-110, 110]. Inputs are RGB in [0, 1] with
+channels last and any leading shape.
+"""
+
+import tensorflow as tf
+
+_RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423),
+               (0.212671, 0.715160, 0.072169),
+               (0.019334, 0.119193, 0.950227))
+_XYZ_TO_RGB = ((3.240479, -1.53715, -0.498535),
+               (-0.969256, 1.875991, 0.041556),
+               (0.055648, -0.204043, 1.057311))
+_D65_WHITE = (0.95047, 1.0, 1.08883)  # CIE D65, 2-degree observer
+_DELTA = 6.0 / 29.0
+
+
+def _srgb_to_linear(rgb):
+  return tf.where(rgb > 0.04045, tf.pow((tf.maximum(rgb, 0.04045) + 0.055) / 1.055,
+                                        2.4), rgb / 12.92)
+
+
+def _linear_to_srgb(rgb):
+  rgb = tf.clip_by_value(rgb, 0.0, 1.0)
+  return tf.where(rgb > 0.0031308,
+                  1.055 * tf.pow(tf.maximum(rgb, 0.0031308), 1.0 / 2.4) - 0.055,
+                  12.92 * rgb)
+
+
+def _matmul_channels(x, matrix):
+  return tf.einsum('...c,rc->...r', x, tf.constant(matrix, x.dtype))
+
+
+def rgb_to_lab(rgb):
+  """sRGB in [0, 1] (..., 3) -> Lab (..., 3), float32."""
+  rgb = tf.cast(rgb, tf.float32)
+  xyz = _matmul_channels(_srgb_to_linear(rgb), _RGB_TO_XYZ)
+  xyz = xyz / tf.constant(_D65_WHITE, tf.float32)
+  f = tf.where(xyz > _DELTA ** 3,
+               tf.pow(tf.maximum(xyz, _DELTA ** 3), 1.0 / 3.0),
+               xyz / (3 * _DELTA ** 2) + 4.0 / 29.0)
+  fx, fy, fz = tf.unstack(f, axis=-1)
+  lightness = 116.0 * fy - 16.0
+  return tf.stack([lightness, 500.0 * (fx - fy), 200.0 * (fy - fz)], axis=-1)
+
+
+def lab_to_rgb(lab):
+  """Lab (..., 3) -> sRGB in [0, 1] (..., 3), clipped to the gamut."""
+  lab = tf.cast(lab, tf.float32)
+  lightness, a, b = tf.unstack(lab, axis=-1)
+  fy = (lightness + 16.0) / 116.0
+  f = tf.stack([fy + a / 500.0, fy, fy - b / 200.0], axis=-1)
+  xyz = tf.where(f > _DELTA, f ** 3, 3 * _DELTA ** 2 * (f - 4.0 / 29.0))
+  xyz = xyz * tf.constant(_D65_WHITE, tf.float32)
+  return _linear_to_srgb(_matmul_channels(xyz, _XYZ_TO_RGB))
+
+
+def rgb_to_lightness(rgb):
+  """sRGB in [0, 1] -> the L channel (..., 1) in [0, 100]."""
+  return rgb_to_lab(rgb)[..., :1]

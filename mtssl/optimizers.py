@@ -1,0 +1,66 @@
+"""TF1's RMSPropOptimizer as a tf_keras optimizer (the paper's optimizer).
+
+The original code trained every task with `tf.train.RMSPropOptimizer`. Its
+update, for every variable, is
+
+    ms  <- decay * ms + (1 - decay) * g^2          (ms starts at ONES)
+    mom <- momentum * mom + lr * g / sqrt(ms + epsilon)
+    var <- var - mom
+
+tf_keras' RMSprop differs in two ways that matter early in training: its
+mean-square slot starts at zeros (the first steps are then ~1/sqrt(1 - decay)
+times larger), and without momentum it divides by sqrt(ms) + epsilon. This
+class keeps TF1's semantics exactly by running the same fused kernel TF1 used
+(ResourceApplyRMSProp) for every variable and initializing the slot to ones.
+Defaults are TF1's: decay 0.9, momentum 0.0, epsilon 1e-10.
+"""
+
+import tensorflow as tf
+import tf_keras
+from tf_keras.optimizers import legacy as legacy_optimizers
+
+
+class TF1RMSProp(legacy_optimizers.RMSprop):
+  """`tf.compat.v1.train.RMSPropOptimizer(lr, decay, momentum, epsilon)`."""
+
+  def __init__(self, learning_rate=0.001, decay=0.9, momentum=0.0,
+               epsilon=1e-10, name='RMSProp', **kwargs):
+    super().__init__(learning_rate=learning_rate, rho=decay, momentum=momentum,
+                     epsilon=epsilon, centered=False, name=name, **kwargs)
+
+  def _create_slots(self, var_list):
+    for var in var_list:
+      self.add_slot(var, 'rms', initializer='ones')
+    for var in var_list:
+      self.add_slot(var, 'momentum')
+
+  def _resource_apply_dense(self, grad, var, apply_state=None):
+    var_device, var_dtype = var.device, var.dtype.base_dtype
+    coefficients = ((apply_state or {}).get((var_device, var_dtype))
+                    or self._fallback_apply_state(var_device, var_dtype))
+    return tf.raw_ops.ResourceApplyRMSProp(
+        var=var.handle, ms=self.get_slot(var, 'rms').handle,
+        mom=self.get_slot(var, 'momentum').handle, lr=coefficients['lr_t'],
+        rho=coefficients['rho'], momentum=coefficients['momentum'],
+        epsilon=coefficients['epsilon'], grad=grad,
+        use_locking=self._use_locking)
+
+  def _resource_apply_sparse(self, grad, var, indices, apply_state=None):
+    var_device, var_dtype = var.device, var.dtype.base_dtype
+    coefficients = ((apply_state or {}).get((var_device, var_dtype))
+                    or self._fallback_apply_state(var_device, var_dtype))
+    return tf.raw_ops.ResourceSparseApplyRMSProp(
+        var=var.handle, ms=self.get_slot(var, 'rms').handle,
+        mom=self.get_slot(var, 'momentum').handle, lr=coefficients['lr_t'],
+        rho=coefficients['rho'], momentum=coefficients['momentum'],
+        epsilon=coefficients['epsilon'], grad=grad, indices=indices,
+        use_locking=self._use_locking)
+
+  def get_config(self):
+    config = super().get_config()
+    config['decay'] = config.pop('rho')
+    config.pop('centered', None)
+    return config
+
+
+tf_keras.utils.get_custom_objects()['TF1RMSProp'] = TF1RMSProp

@@ -1,0 +1,142 @@
+"""The self-supervised task interface and the task registry.
+
+A task is one self-contained unit: its input pipeline, its head (a subclassed
+tf_keras Model), its loss and its metrics. The multi-task model
+(mtssl.model.MultiTaskModel) joins one shared trunk with any set of task heads
+and knows nothing task-specific, so a new task is a new module that subclasses
+`Task` and registers itself with `@register`; no other task changes.
+
+Contract of the input pipeline (`make_dataset`):
+
+* It reads a source made by `make_source(spec)` and yields batched
+  `(features, labels)` dicts. `features['index']` holds, per example, the
+  position in the source stream it came from (int64 [B]).
+* It is deterministic under `seed`: every random choice for the example at
+  stream position k is drawn with stateless ops from (seed, k), and parallel
+  maps keep their order. Batch contents are therefore a function of
+  (seed, start) whatever the parallelism.
+* `start` is a stream position. The trainer records the last position a
+  trained batch used and resumes at the next one, which reproduces the
+  uninterrupted stream exactly.
+
+Contract of the forward pass (run by MultiTaskModel.task_outputs):
+
+    images = task.trunk_images(features)          # [N, H, W, 3] float32
+    representation = trunk(images)[output] or the task's lasso combination
+    outputs = head(representation, training=...)  # whatever loss() expects
+    loss = task.loss(labels, outputs)             # float32 scalar
+
+`trunk_images` may stack several images per example (relative position feeds
+both patches of a pair, exemplar all three patches of a triplet, through the
+trunk as one batch); the head rearranges them.
+"""
+
+import abc
+import dataclasses
+from typing import Any, ClassVar, Dict, Optional, Type
+
+import tensorflow as tf
+import tf_keras
+
+from mtssl.data import sources
+
+_REGISTRY: Dict[str, Type['Task']] = {}
+
+
+@dataclasses.dataclass
+class TaskConfig:
+  """Settings every task has; tasks subclass it with their own fields."""
+  # Examples per batch; the paper's per-GPU batch sizes are in flags/.
+  batch_size: int = 8
+
+  def validate(self):
+    if self.batch_size <= 0:
+      raise ValueError(f'batch_size must be positive, got {self.batch_size}.')
+
+
+class Task(abc.ABC):
+  """One self-supervised task: inputs, head, loss, metrics."""
+
+  name: ClassVar[str]
+  config_class: ClassVar[Type[TaskConfig]] = TaskConfig
+  # Nominal cost of one step at the paper's batch size, in K40 GPU-hours,
+  # from the paper's per-epoch figures (SPEC section 5); the trainer's compute
+  # accounting uses it unless a measured or flag-given cost replaces it.
+  paper_step_cost_gpu_hours: ClassVar[Optional[float]] = None
+
+  def __init__(self, config: Optional[TaskConfig] = None):
+    self.config = config if config is not None else self.config_class()
+    if not isinstance(self.config, self.config_class):
+      raise TypeError(f'{self.name}: expected a {self.config_class.__name__}, '
+                      f'got {type(self.config).__name__}.')
+    self.config.validate()
+
+  # Inputs ---------------------------------------------------------------
+  def make_source(self, spec: str, tfds_data_dir: Optional[str] = None):
+    """The data source for a specification string; image tasks share this."""
+    return sources.make_image_source(spec, tfds_data_dir=tfds_data_dir)
+
+  @abc.abstractmethod
+  def make_dataset(self, source, batch_size: int, seed: int,
+                   start: int = 0) -> tf.data.Dataset:
+    """Batched (features, labels) dicts; see the module docstring."""
+
+  # Model ----------------------------------------------------------------
+  @abc.abstractmethod
+  def trunk_images(self, features: Dict[str, tf.Tensor]) -> tf.Tensor:
+    """The images to run through the trunk, [N, H, W, 3] float32."""
+
+  @abc.abstractmethod
+  def build_head(self) -> tf_keras.Model:
+    """A new head for this task (a subclassed tf_keras Model)."""
+
+  @abc.abstractmethod
+  def loss(self, labels: Dict[str, tf.Tensor], outputs: Any) -> tf.Tensor:
+    """Mean loss over the batch, a float32 scalar."""
+
+  # Metrics and summaries -----------------------------------------------
+  def build_metrics(self) -> Dict[str, tf_keras.metrics.Metric]:
+    return {}
+
+  def update_metrics(self, metrics: Dict[str, tf_keras.metrics.Metric],
+                     labels: Dict[str, tf.Tensor], outputs: Any) -> None:
+    del metrics, labels, outputs
+
+  def image_summaries(self, features: Dict[str, tf.Tensor],
+                      labels: Dict[str, tf.Tensor],
+                      outputs: Any) -> Dict[str, tf.Tensor]:
+    """Images to show in TensorBoard ([N, H, W, 3] float in [0, 1])."""
+    del features, labels, outputs
+    return {}
+
+  def examples_in(self, features: Dict[str, tf.Tensor]) -> tf.Tensor:
+    """Number of examples in a batch (what examples/s counts)."""
+    return tf.shape(features['index'])[0]
+
+
+def register(cls: Type[Task]) -> Type[Task]:
+  """Class decorator adding a task to the registry under `cls.name`."""
+  name = getattr(cls, 'name', None)
+  if not name:
+    raise ValueError(f'{cls.__name__} has no task name.')
+  if name in _REGISTRY and _REGISTRY[name] is not cls:
+    raise ValueError(f'Task name {name!r} is already registered by '
+                     f'{_REGISTRY[name].__name__}.')
+  _REGISTRY[name] = cls
+  return cls
+
+
+def task_names():
+  return sorted(_REGISTRY)
+
+
+def get_task_class(name: str) -> Type[Task]:
+  if name not in _REGISTRY:
+    raise ValueError(f'Unknown task {name!r}; known tasks: '
+                     f'{", ".join(task_names()) or "none"}.')
+  return _REGISTRY[name]
+
+
+def make_task(name: str, **config_overrides) -> Task:
+  cls = get_task_class(name)
+  return cls(cls.config_class(**config_overrides))
