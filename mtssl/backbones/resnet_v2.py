@@ -498,3 +498,30 @@ def resnet_v2_152(**kwargs):
 def paper_trunk(output_stride: int = 8, **kwargs) -> ResNetV2:
   """The paper's trunk: resnet_v2_101 up to block 3 at output stride 8."""
   return resnet_v2(101, num_blocks=3, output_stride=output_stride, **kwargs)
+
+
+# Named trunks. The resnet_v2_* ones are the Slim networks cut after block 3
+# (the paper's trunk is resnet_v2_101); the small ones keep the same structure
+# (three blocks, stride on the last unit, block 3 of several units for the
+# lasso) at a size a 2-core CPU trains in minutes, for the default run and
+# tests.
+TRUNK_BLOCKS = {
+    'resnet_v2_50': lambda: resnet_v2_blocks(50, 3),
+    'resnet_v2_101': lambda: resnet_v2_blocks(101, 3),
+    'resnet_v2_152': lambda: resnet_v2_blocks(152, 3),
+    'resnet_v2_200': lambda: resnet_v2_blocks(200, 3),
+    'resnet_v2_small': lambda: [Block('block1', 16, 2, 2), Block('block2', 32, 2, 2),
+                                Block('block3', 64, 4, 2)],
+    'resnet_v2_tiny': lambda: [Block('block1', 8, 1, 2), Block('block2', 16, 1, 2),
+                               Block('block3', 32, 3, 2)],
+}
+
+
+def trunk_from_name(name: str, output_stride: Optional[int] = 8,
+                    **kwargs) -> ResNetV2:
+  """A named trunk (see TRUNK_BLOCKS) with Slim scope `name`."""
+  if name not in TRUNK_BLOCKS:
+    raise ValueError(f'Unknown trunk {name!r}; choose one of '
+                     f'{", ".join(sorted(TRUNK_BLOCKS))}.')
+  return ResNetV2(TRUNK_BLOCKS[name](), output_stride=output_stride,
+                  scope=name, **kwargs)
