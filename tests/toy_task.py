@@ -52,7 +52,7 @@ class ToyTask(base.Task):
     return features['image']
 
   def build_head(self):
-    return ToyHead(name='toy_head')
+    return ToyHead(name=f'{self.name}_head')
 
   def loss(self, labels, outputs):
     return tf.reduce_mean(tf.square(outputs - labels['target']))
@@ -62,3 +62,11 @@ class ToyTask(base.Task):
 
   def update_metrics(self, metrics, labels, outputs):
     metrics['mse'].update_state(tf.square(outputs - labels['target']))
+
+
+def toy_task_class(name):
+  """A registered ToyTask subclass called `name` (for multi-task tests)."""
+  existing = base._REGISTRY.get(name)  # pylint: disable=protected-access
+  if existing is not None:
+    return existing
+  return base.register(type(f'ToyTask_{name}', (ToyTask,), {'name': name}))

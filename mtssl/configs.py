@@ -1,0 +1,257 @@
+"""Training configuration as code: one dataclass tree, two presets.
+
+`TrainConfig` describes a whole pre-training run. Two presets build it:
+
+* `cpu` (the default of `python -m mtssl.train`): the paper's structure
+  (ResNet-v2 trunk to block 3 at output stride 8, the paper's input sizes,
+  one head and one RMSProp per task) at a size a 2-core CPU trains in
+  minutes: the `resnet_v2_small` trunk and narrow heads, on the built-in
+  synthetic data.
+* `paper`: ResNet-v2-101 at output stride 8, the paper's heads, input sizes
+  and compute accounting (16.8 K K40 GPU-hours, a snapshot every 2.4 K).
+
+Command-line flags (mtssl/train.py) and the experiment flagfiles in flags/
+override fields of a preset; they are not a second configuration system.
+
+Compute accounting (paper section 6.1): a step of task t costs a constant
+c_t, the run's cost is sum_t steps_t * c_t, and a snapshot checkpoint is kept
+each time the total crosses a multiple of `snapshot_cost`. c_t is either
+measured (the mean wall time of the task's steps in this run, excluding the
+first, compiling step) or taken from the paper: one ImageNet epoch costs
+350 / 90 / 60 K40 GPU-hours for rp / col / ex (1,281,167 images), i.e.
+0.983 / 0.253 / 0.169 K40 GPU-seconds per example. The paper gives no
+per-example figure for ms (400 GPU-hours per epoch of an unpublished video
+set), so ms needs a measured or flag-given cost.
+"""
+
+import dataclasses
+from typing import Dict, Optional, Sequence
+
+from mtssl import tasks as tasks_lib
+from mtssl.backbones import resnet_v2
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+# K40 GPU-hours per ImageNet epoch (paper section 6.1).
+PAPER_EPOCH_GPU_HOURS = {'rp': 350.0, 'col': 90.0, 'ex': 60.0}
+PAPER_TOTAL_GPU_HOURS = 16_800.0
+PAPER_SNAPSHOT_GPU_HOURS = 2_400.0
+
+MIXED_PRECISION = ('none', 'bf16', 'fp16')
+SCHEDULES = ('round_robin', 'weighted')
+COST_MODELS = ('measured', 'paper')
+
+
+class ConfigError(ValueError):
+  """An invalid configuration; the message names the field and the value."""
+
+
+def paper_seconds_per_example(task: str) -> Optional[float]:
+  hours = PAPER_EPOCH_GPU_HOURS.get(task)
+  return None if hours is None else hours * 3600.0 / IMAGENET_TRAIN_IMAGES
+
+
+def _field(default, help_text, choices=None):
+  """A config field whose help (and choices) the command-line flags reuse."""
+  metadata = {'help': help_text}
+  if choices is not None:
+    metadata['choices'] = tuple(choices)
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass
+class TaskRun:
+  """How one task takes part in a run (flags --<task>_<field>)."""
+  config: tasks_lib.TaskConfig
+  data: str = _field('synthetic', 'data source: synthetic, folder:/path or '
+                     'tfds:name[:split] (ms: synthetic or tfrecord:/dir)')
+  learning_rate: float = _field(1e-3, 'RMSProp learning rate (constant, as in '
+                                'the paper)')
+  step_cost: Optional[float] = _field(
+      None, 'device-hours per step for compute accounting (default: measured, '
+      'or the paper figure with --cost_model=paper)')
+  weight: float = _field(1.0, 'relative frequency under --schedule=weighted')
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """A whole pre-training run (flags --<field>)."""
+  tasks: Dict[str, TaskRun]
+  model_dir: str = _field('runs/default', 'checkpoints, snapshots and '
+                          'TensorBoard logs; an existing run there is resumed')
+  trunk: str = _field('resnet_v2_101', 'trunk, one of '
+                      + ', '.join(sorted(resnet_v2.TRUNK_BLOCKS)),
+                      choices=sorted(resnet_v2.TRUNK_BLOCKS))
+  output_stride: int = _field(8, 'trunk output stride (8 in the paper)')
+  lasso: bool = _field(False, 'feed each head a lasso combination of the '
+                       'block-3 units (paper section 3.2)')
+  lasso_l1: float = _field(1e-3, 'L1 weight on each task\'s lasso alpha')
+  harmonize: bool = _field(False, 'rp input harmonization: Lab L replicated '
+                           'x3 instead of colour dropping (paper section 3.3)')
+  rmsprop_decay: float = _field(0.9, 'RMSProp decay of the squared-gradient '
+                                'average (TF1 default)')
+  rmsprop_momentum: float = _field(0.0, 'RMSProp momentum (TF1 default 0)')
+  rmsprop_epsilon: float = _field(1e-10, 'RMSProp epsilon, inside the square '
+                                  'root (TF1 default)')
+  mixed_precision: str = _field('none', 'none, bf16 or fp16 (fp16 with dynamic '
+                                'loss scaling)', choices=MIXED_PRECISION)
+  xla: bool = _field(False, 'compile each train step with XLA')
+  schedule: str = _field('round_robin', 'task interleaving: round_robin or '
+                         'weighted (seeded draw per step)', choices=SCHEDULES)
+  steps: Optional[int] = _field(None, 'total training steps over all tasks')
+  max_cost: Optional[float] = _field(None, 'stop when the total compute cost '
+                                     'reaches this many device-hours')
+  cost_model: str = _field('measured', 'step cost: measured step time or the '
+                           'paper\'s K40 figures', choices=COST_MODELS)
+  snapshot_cost: Optional[float] = _field(
+      None, 'keep a snapshot each time the total cost crosses a multiple of '
+      'this many device-hours (paper: 2400)')
+  checkpoint_every: int = _field(1000, 'write a checkpoint every N steps')
+  keep_checkpoints: int = _field(3, 'how many regular checkpoints to keep')
+  init_checkpoint: Optional[str] = _field(
+      None, 'initialize the trunk (and heads present) from a converted Slim '
+      'or a previous run\'s checkpoint')
+  seed: int = _field(0, 'seed of the data streams and the schedule')
+  max_nonfinite_steps: int = _field(20, 'stop after this many consecutive '
+                                    'non-finite steps of one task')
+  log_every: int = _field(10, 'progress line every N steps')
+  summary_every: int = _field(50, 'TensorBoard scalars every N steps')
+  image_summary_every: int = _field(500, 'TensorBoard images every N steps')
+  deterministic: bool = _field(False, 'enable TensorFlow op determinism '
+                               '(bit-exact resume on CPU; slower)')
+  tfds_data_dir: Optional[str] = _field(None, 'TFDS data_dir for tfds: sources')
+
+  def validate(self):
+    """Raises ConfigError naming the first invalid field."""
+    if not self.tasks:
+      raise ConfigError('tasks: at least one task is needed.')
+    known = tasks_lib.task_names()
+    for name, run in self.tasks.items():
+      if name not in known:
+        raise ConfigError(f'tasks: unknown task {name!r}; known tasks: '
+                          f'{", ".join(known)}.')
+      try:
+        run.config.validate()
+      except ValueError as e:
+        raise ConfigError(f'{name}: {e}') from None
+      if run.learning_rate <= 0:
+        raise ConfigError(f'{name}_learning_rate must be positive, got '
+                          f'{run.learning_rate}.')
+      if run.step_cost is not None and run.step_cost <= 0:
+        raise ConfigError(f'{name}_step_cost must be positive, got '
+                          f'{run.step_cost}.')
+      if run.weight <= 0:
+        raise ConfigError(f'{name}_weight must be positive, got {run.weight}.')
+    if self.trunk not in resnet_v2.TRUNK_BLOCKS:
+      raise ConfigError(f'trunk: unknown trunk {self.trunk!r}; choose one of '
+                        f'{", ".join(sorted(resnet_v2.TRUNK_BLOCKS))}.')
+    try:
+      resnet_v2.plan_units(resnet_v2.TRUNK_BLOCKS[self.trunk](),
+                           self.output_stride)
+    except ValueError as e:
+      raise ConfigError(f'output_stride: {e}') from None
+    if self.lasso and self.output_stride > 16:
+      raise ConfigError('lasso needs output_stride 8 or 16 (all block-3 units '
+                        'at one resolution).')
+    if self.lasso_l1 < 0:
+      raise ConfigError(f'lasso_l1 must be >= 0, got {self.lasso_l1}.')
+    if self.harmonize and 'rp' not in self.tasks:
+      raise ConfigError('harmonize changes the rp inputs, but rp is not among '
+                        'the tasks.')
+    if self.mixed_precision not in MIXED_PRECISION:
+      raise ConfigError(f'mixed_precision must be one of {MIXED_PRECISION}, got '
+                        f'{self.mixed_precision!r}.')
+    if self.schedule not in SCHEDULES:
+      raise ConfigError(f'schedule must be one of {SCHEDULES}, got '
+                        f'{self.schedule!r}.')
+    if self.cost_model not in COST_MODELS:
+      raise ConfigError(f'cost_model must be one of {COST_MODELS}, got '
+                        f'{self.cost_model!r}.')
+    if self.cost_model == 'paper':
+      for name, run in self.tasks.items():
+        if run.step_cost is None and paper_seconds_per_example(name) is None:
+          raise ConfigError(f'cost_model=paper: the paper gives no per-step '
+                            f'cost for {name}; set {name}_step_cost.')
+    if self.steps is None and self.max_cost is None:
+      raise ConfigError('Set steps or max_cost (the run needs an end).')
+    for field in ('steps', 'checkpoint_every', 'keep_checkpoints', 'log_every',
+                  'summary_every', 'image_summary_every', 'max_nonfinite_steps'):
+      value = getattr(self, field)
+      if value is not None and value <= 0:
+        raise ConfigError(f'{field} must be positive, got {value}.')
+    for field in ('max_cost', 'snapshot_cost'):
+      value = getattr(self, field)
+      if value is not None and value <= 0:
+        raise ConfigError(f'{field} must be positive, got {value}.')
+    for field in ('rmsprop_decay', 'rmsprop_momentum'):
+      value = getattr(self, field)
+      if not 0 <= value < 1:
+        raise ConfigError(f'{field} must be in [0, 1), got {value}.')
+    if self.rmsprop_epsilon <= 0:
+      raise ConfigError(f'rmsprop_epsilon must be positive, got '
+                        f'{self.rmsprop_epsilon}.')
+    if not self.model_dir:
+      raise ConfigError('model_dir must be set.')
+
+  def step_cost_from_paper(self, name: str) -> Optional[float]:
+    """Device-hours per step of task `name` under the paper's accounting."""
+    run = self.tasks[name]
+    if run.step_cost is not None:
+      return run.step_cost
+    seconds = paper_seconds_per_example(name)
+    if seconds is None:
+      return None
+    return seconds * run.config.batch_size / 3600.0
+
+
+# Per-task settings of the CPU preset: narrow heads (the paper's are tens of
+# millions of parameters each) and small batches; input sizes stay the
+# paper's.
+CPU_TASK_OVERRIDES: Dict[str, Dict[str, object]] = {}
+CPU_TASKS = ('rp', 'col')
+PAPER_TASKS = ('rp', 'col', 'ex', 'ms')
+
+
+def _task_runs(names: Sequence[str], overrides=None) -> Dict[str, TaskRun]:
+  runs = {}
+  for name in names:
+    cls = tasks_lib.get_task_class(name)
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    values = {k: v for k, v in (overrides or {}).get(name, {}).items()
+              if k in fields}
+    runs[name] = TaskRun(config=cls.config_class(**values))
+  return runs
+
+
+def cpu_config(tasks: Optional[Sequence[str]] = None) -> TrainConfig:
+  """The default run: a few minutes on a 2-core CPU, built-in data."""
+  return TrainConfig(
+      tasks=_task_runs(tasks or CPU_TASKS, CPU_TASK_OVERRIDES),
+      model_dir='runs/cpu_default',
+      trunk='resnet_v2_small',
+      output_stride=8,
+      steps=300,
+      checkpoint_every=100,
+      log_every=10,
+      summary_every=20,
+      image_summary_every=100,
+  )
+
+
+def paper_config(tasks: Optional[Sequence[str]] = None) -> TrainConfig:
+  """The paper's configuration: ResNet-v2-101, 16.8 K K40 GPU-hours."""
+  return TrainConfig(
+      tasks=_task_runs(tasks or PAPER_TASKS),
+      model_dir='runs/paper',
+      trunk='resnet_v2_101',
+      output_stride=8,
+      max_cost=PAPER_TOTAL_GPU_HOURS,
+      cost_model='paper',
+      snapshot_cost=PAPER_SNAPSHOT_GPU_HOURS,
+      checkpoint_every=1000,
+      log_every=100,
+      summary_every=100,
+      image_summary_every=2000,
+  )
+
+
+PRESETS = {'cpu': cpu_config, 'paper': paper_config}

@@ -1,0 +1,194 @@
+r"""Multi-task self-supervised pre-training: `python -m mtssl.train`.
+
+  python -m mtssl.train                          # CPU-sized default run, rp+col
+  python -m mtssl.train --tasks=rp,col,ex,ms --steps=2000
+  python -m mtssl.train --flagfile=flags/rp_col.flags --model_dir=/runs/rp_col
+
+`--config` picks a preset from mtssl/configs.py (`cpu`, the default, or
+`paper`); every other flag overrides one field of it. Flags are generated once
+from the configuration dataclasses: global ones from `TrainConfig`
+(`--steps`, `--mixed_precision`, ...) and per task from `TaskRun` and the
+task's own config (`--rp_data`, `--rp_learning_rate`, `--rp_batch_size`,
+`--col_<field>`, ...). `--helpfull` lists them all.
+
+Flags and data sources are validated before any work: a bad value prints one
+line naming it and exits with status 2. A run whose loss stays non-finite ends
+with status 3; SIGINT/SIGTERM end the run after the current step with a
+checkpoint (status 130 / 143).
+"""
+
+import dataclasses
+import os
+import signal
+import sys
+import typing
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags
+from absl import logging
+
+from mtssl import configs  # pylint: disable=wrong-import-position
+from mtssl import tasks as tasks_lib
+from mtssl.data import sources as sources_lib
+
+FLAGS = flags.FLAGS
+EXIT_USAGE = 2
+EXIT_NONFINITE = 3
+
+_CONFIG = flags.DEFINE_enum('config', 'cpu', sorted(configs.PRESETS),
+                            'preset every other flag overrides (mtssl/configs.py)')
+_TASKS = flags.DEFINE_list('tasks', None,
+                           'tasks to train jointly, any of '
+                           + ', '.join(tasks_lib.task_names())
+                           + ' (default: the preset\'s)')
+
+
+def _scalar_type(annotation):
+  """int/float/bool/str for a (possibly Optional) scalar annotation, else None."""
+  if typing.get_origin(annotation) is typing.Union:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(args) != 1:
+      return None
+    annotation = args[0]
+  return annotation if annotation in (int, float, bool, str) else None
+
+
+def _define(name, kind, help_text, choices=None):
+  if kind is bool:
+    flags.DEFINE_bool(name, None, help_text)
+  elif choices:
+    flags.DEFINE_enum(name, None, list(choices), help_text)
+  elif kind is int:
+    flags.DEFINE_integer(name, None, help_text)
+  elif kind is float:
+    flags.DEFINE_float(name, None, help_text)
+  else:
+    flags.DEFINE_string(name, None, help_text)
+
+
+def _config_fields(cls):
+  hints = typing.get_type_hints(cls)
+  for field in dataclasses.fields(cls):
+    kind = _scalar_type(hints.get(field.name))
+    if kind is not None:
+      yield field, kind
+
+
+def _define_flags():
+  for field, kind in _config_fields(configs.TrainConfig):
+    _define(field.name, kind, field.metadata.get('help', field.name),
+            field.metadata.get('choices'))
+  for task in tasks_lib.task_names():
+    for field, kind in _config_fields(configs.TaskRun):
+      _define(f'{task}_{field.name}', kind,
+              f'{task}: {field.metadata.get("help", field.name)}')
+    config_class = tasks_lib.get_task_class(task).config_class
+    for field, kind in _config_fields(config_class):
+      default = field.default if field.default is not dataclasses.MISSING else None
+      _define(f'{task}_{field.name}', kind,
+              f'{task}: {field.metadata.get("help", field.name)} '
+              f'(task default {default!r})', field.metadata.get('choices'))
+
+
+_define_flags()
+
+
+def config_from_flags(flag_values=FLAGS) -> configs.TrainConfig:
+  """The preset named by --config with every given flag applied."""
+  names = flag_values.tasks
+  if names is not None:
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+      raise configs.ConfigError('--tasks is empty.')
+    known = tasks_lib.task_names()
+    for n in names:
+      if n not in known:
+        raise configs.ConfigError(f'--tasks: unknown task {n!r}; known tasks: '
+                                  f'{", ".join(known)}.')
+    if len(set(names)) != len(names):
+      raise configs.ConfigError(f'--tasks lists a task twice: {",".join(names)}.')
+  config = configs.PRESETS[flag_values.config](names)
+  updates = {}
+  for field, _ in _config_fields(configs.TrainConfig):
+    value = flag_values[field.name].value
+    if value is not None:
+      updates[field.name] = value
+  config = dataclasses.replace(config, **updates)
+  for task in tasks_lib.task_names():
+    given = [n for n in flag_values if n.startswith(f'{task}_')
+             and flag_values[n].present]
+    if task not in config.tasks:
+      if given:
+        raise configs.ConfigError(
+            f'--{given[0]} is set but {task} is not among --tasks '
+            f'({",".join(config.tasks)}).')
+      continue
+    run = config.tasks[task]
+    run_updates = {f.name: flag_values[f'{task}_{f.name}'].value
+                   for f, _ in _config_fields(configs.TaskRun)
+                   if flag_values[f'{task}_{f.name}'].value is not None}
+    task_updates = {f.name: flag_values[f'{task}_{f.name}'].value
+                    for f, _ in _config_fields(type(run.config))
+                    if flag_values[f'{task}_{f.name}'].value is not None}
+    config.tasks[task] = dataclasses.replace(
+        run, config=dataclasses.replace(run.config, **task_updates),
+        **run_updates)
+  config.validate()
+  return config
+
+
+def _parse_flags(argv):
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+    print('Pass --helpfull to see every flag.', file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def main(argv):
+  if len(argv) > 1:
+    print(f'error: unexpected arguments {argv[1:]}', file=sys.stderr)
+    return EXIT_USAGE
+  from mtssl.training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  try:
+    config = config_from_flags()
+    trainer = trainer_lib.Trainer(config)
+    logging.info('Tasks %s, trunk %s at output stride %d, model_dir %s',
+                 ','.join(config.tasks), config.trunk, config.output_stride,
+                 config.model_dir)
+    trainer.setup()
+  except (configs.ConfigError, sources_lib.DataSourceError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return EXIT_USAGE
+
+  received = []
+
+  def _on_signal(signum, frame):
+    del frame
+    received.append(signum)
+    trainer.request_stop()
+
+  signal.signal(signal.SIGTERM, _on_signal)
+  signal.signal(signal.SIGINT, _on_signal)
+  try:
+    result = trainer.train()
+  except trainer_lib.NonFiniteLossError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return EXIT_NONFINITE
+  print(f'Checkpoint: {result["checkpoint"]}')
+  print(f'Per-task steps: {result["task_steps"]}')
+  print(f'TensorBoard: tensorboard --logdir {config.model_dir}')
+  if received:
+    return 128 + received[0]
+  return 0
+
+
+def run():
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == '__main__':
+  run()
