@@ -3,7 +3,8 @@
 `count_macs(fn, *input_specs)` traces `fn` once and sums the MACs of every
 convolution and matrix multiplication in the graph from their static shapes:
 Conv2D: output positions x kernel height x kernel width x input channels x
-output channels (dilation does not change the count); MatMul / BatchMatMul:
+output channels (dilation does not change the count; the padding positions of
+TensorFlow's space-to-batch form of dilated convolutions are not counted); MatMul / BatchMatMul:
 M x N x K (x batch). Element-wise work (batch norm, ReLU, additions, pooling)
 is not counted, as in the usual MAC figures (SPEC section 8). A training step
 is about 3x the forward count (forward, and two backward products).
@@ -23,13 +24,29 @@ def _static(shape):
   return dims
 
 
+def _atrous_output(conv_op):
+  """The tensor whose positions a convolution really computes.
+
+  TensorFlow runs a dilated convolution as SpaceToBatchND -> Conv2D ->
+  BatchToSpaceND; on sizes not divisible by the rate the inner Conv2D also
+  computes padding positions that BatchToSpaceND crops away. The useful
+  positions are those of the BatchToSpaceND output.
+  """
+  if conv_op.inputs[0].op.type != 'SpaceToBatchND':
+    return conv_op.outputs[0]
+  for consumer in conv_op.outputs[0].consumers():
+    if consumer.type == 'BatchToSpaceND':
+      return consumer.outputs[0]
+  return conv_op.outputs[0]
+
+
 def graph_macs(graph) -> Dict[str, int]:
   """MACs per op type in a tf.Graph (FuncGraph), including nested functions."""
   counts = collections.Counter()
   functions = {f.name: f for f in graph._functions.values()}  # pylint: disable=protected-access
   for op in graph.get_operations():
     if op.type in ('Conv2D',):
-      out = _static(op.outputs[0].shape)
+      out = _static(_atrous_output(op).shape)
       kernel = _static(op.inputs[1].shape)
       counts['Conv2D'] += int(np.prod(out[:3])) * int(np.prod(kernel))
     elif op.type == 'MatMul':
