@@ -37,14 +37,20 @@ DEPTH = 128
 MODEL = 'feat'
 TOL = dict(atol=1e-5, rtol=1e-5)
 
+# Runs with a cwd and PYTHONPATH outside the repository. An installed copy
+# of mtssl (pip install -e) would still be importable, so the script also
+# blocks the name: the SavedModel must load and run with no mtssl code.
 _FRESH_PROCESS = textwrap.dedent('''
+    import json
+    import os
     import sys
-    sys.modules['mtssl'] = None  # Even an installed copy must not be used.
+    sys.modules['mtssl'] = None
     try:
       import mtssl
       print('MTSSL_IMPORTABLE')
     except ImportError:
       print('MTSSL_NOT_IMPORTABLE')
+    print('SYS_PATH=' + json.dumps([os.path.abspath(p or '.') for p in sys.path]))
     import numpy as np
     import tensorflow as tf
     model = tf.saved_model.load(sys.argv[1])
@@ -333,6 +339,9 @@ class ExportTest(tf.test.TestCase):
     code, out, err = self._wait('fresh')
     self.assertEqual(code, 0, err)
     self.assertIn('MTSSL_NOT_IMPORTABLE', out)
+    sys_path = json.loads(out.split('SYS_PATH=')[1].splitlines()[0])
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    self.assertNotIn(repo, sys_path)
     got = np.load(os.path.join(self.tmp, 'fresh.npz'))
     pixels = synthetic.synthetic_image(3, 0, SIZE, SIZE)[None]
     expected = self.reference(pixels.astype(np.float32))
