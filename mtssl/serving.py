@@ -1,0 +1,296 @@
+"""The trunk as a servable feature extractor (a tf.Module with signatures).
+
+`FeatureExtractor(trunk, image_size)` wraps a trunk for export
+(`mtssl.export` writes it as a SavedModel). What it computes:
+
+* `serving_default` (input `images`: string [batch]): each element is an
+  encoded JPEG, PNG, GIF (first frame), BMP or WebP image of any size.
+  Decoding follows the training pipelines (`mtssl.data.sources`): grayscale
+  is repeated to RGB, an alpha channel is composited over white (rounded to
+  integers, as the data sources do), 16-bit PNGs keep their high byte. Every
+  image is then resized to the serving size (`image_size`, default 256x256;
+  bilinear with anti-aliasing, aspect ratio not kept; an image already of
+  that size is used as decoded) so that images of different sizes form one
+  batch.
+* `from_pixels` (input `pixels`: float32 [batch, height, width, 3], RGB in
+  [0, 255]): the batch is used at its own size, no resizing.
+* Both then apply the trunk's own preprocessing
+  (`mtssl.preprocessing.vgg_preprocess`: minus the VGG mean) and run the trunk
+  in inference mode at the output stride it was built with. Outputs:
+  `block3` float32 [batch, ceil(height / stride), ceil(width / stride), depth]
+  (the trunk's output end point, the raw sum of the last block-3 unit) and
+  `pooled` float32 [batch, 3, 3, depth]: `block3` max-pooled over an adaptive
+  3x3 grid (`mtssl.ops.pooling`: bin i of n positions is
+  [floor(i n / 3), ceil((i + 1) n / 3)); for the 32x32 map of a 256x256 image
+  at stride 8: [0, 11), [10, 22), [21, 32)), the frozen feature of the
+  paper's linear evaluation. Flattening it gives 9 * depth (9216) values.
+
+Bad input fails with an InvalidArgument error that names it before any
+decoder or convolution runs: an empty batch, an element that is not an image
+(its index, its length and first bytes, and a hint when it looks like base64
+text, the usual mistake of REST clients that do not wrap it as
+{"b64": ...}), pixels that are not finite or not in [0, 255], or an image
+without height or width. An element with a valid image header but a
+corrupted body still fails inside the decoder (TensorFlow's message, e.g.
+"Invalid JPEG data").
+
+The object also follows TF Hub's Reusable SavedModel API, so the exported
+model loads back as a trainable layer (`hub.KerasLayer(path, trainable=True,
+output_key='block3')`, or `tf.saved_model.load`):
+`__call__(pixels, training=False)` (pixels as `from_pixels`, traced for
+training True and False; training=True runs batch norm on batch statistics
+and updates its moving averages), `variables`, `trainable_variables` (the
+trunk's: gamma, beta, kernels, biases) and `regularization_losses` (one
+function returning the trunk's Slim L2 weight decay). The trunk is tracked
+as `backbone`, so the SavedModel's variables use the object path of the
+trainer's checkpoints (`tf.train.Checkpoint(backbone=trunk)` restores a trunk
+from `<export>/variables/variables`).
+"""
+
+from typing import Dict, Sequence, Tuple
+
+import tensorflow as tf
+
+from mtssl.ops import pooling
+from mtssl.preprocessing import vgg_preprocess
+
+SERVING_SIGNATURE = 'serving_default'
+PIXELS_SIGNATURE = 'from_pixels'
+IMAGES_INPUT = 'images'
+PIXELS_INPUT = 'pixels'
+BLOCK3_OUTPUT = 'block3'
+POOLED_OUTPUT = 'pooled'
+POOLED_GRID = (3, 3)
+DEFAULT_IMAGE_SIZE = (256, 256)
+
+# File signatures tf.io.decode_image recognises. WebP is RIFF????WEBP.
+_MAGIC = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'GIF87a', b'GIF89a', b'BM')
+_HEAD_BYTES = 12
+# Base64 of the JPEG and PNG signatures: a client that sent the text of a
+# base64 encoding instead of the bytes.
+_BASE64_MAGIC = (b'/9j/', b'iVBORw0KGgo')
+
+
+def _starts_with(data, prefix: bytes):
+  return tf.equal(tf.strings.substr(data, 0, len(prefix)), prefix)
+
+
+def _is_known_image(head):
+  """head: the first _HEAD_BYTES bytes of an element, zero padded."""
+  checks = [_starts_with(head, m) for m in _MAGIC]
+  checks.append(tf.logical_and(
+      _starts_with(head, b'RIFF'),
+      tf.equal(tf.strings.substr(head, 8, 4), b'WEBP')))
+  return tf.reduce_any(tf.stack(checks))
+
+
+def _head(data):
+  padded = tf.strings.join([data, b'\0' * _HEAD_BYTES])
+  return tf.strings.substr(padded, 0, _HEAD_BYTES)
+
+
+def check_encoded_image(data, index, input_name: str = IMAGES_INPUT):
+  """An Assert op naming element `index` of `input_name` if it is no image."""
+  head = _head(data)
+  looks_base64 = tf.reduce_any(tf.stack(
+      [_starts_with(head, m) for m in _BASE64_MAGIC]))
+  hint = tf.where(
+      looks_base64,
+      tf.constant('; it looks like base64 text: send the decoded bytes '
+                  '(REST: {"b64": "<base64>"})'), tf.constant(''))
+  message = tf.strings.join([tf.strings.format(
+      input_name + '[{}] is not an encoded JPEG, PNG, GIF, BMP or WebP image '
+      '({} bytes, starting {})',
+      (index, tf.strings.length(data), tf.io.decode_raw(head, tf.uint8)),
+      summarize=_HEAD_BYTES), hint])
+  return tf.debugging.Assert(_is_known_image(head), [message])
+
+
+def decode_rgb(data):
+  """Encoded image -> float32 [H, W, 3] RGB in [0, 255] (as the data sources)."""
+  image = tf.io.decode_image(data, channels=0, dtype=tf.uint8,
+                             expand_animations=False)
+  channels = tf.shape(image)[-1]
+  image = tf.cast(image, tf.float32)
+  color = tf.cond(channels < 3,
+                  lambda: tf.tile(image[..., :1], [1, 1, 3]),
+                  lambda: image[..., :3])
+  has_alpha = tf.equal(channels % 2, 0)  # gray+alpha or RGBA.
+
+  def composite():
+    alpha = image[..., -1:] / 255.0
+    return tf.round(color * alpha + 255.0 * (1.0 - alpha))
+
+  return tf.cond(has_alpha, composite, lambda: color)
+
+
+def resize_to(image, size: Tuple[int, int]):
+  """[H, W, 3] -> [size, 3]: bilinear with anti-aliasing, unless already that size."""
+  shape = tf.shape(image)
+  same = tf.logical_and(tf.equal(shape[0], size[0]), tf.equal(shape[1], size[1]))
+  resized = tf.cond(
+      same, lambda: image,
+      lambda: tf.image.resize(image, size, method='bilinear', antialias=True))
+  return tf.ensure_shape(resized, [size[0], size[1], 3])
+
+
+def decode_batch(images, image_size: Tuple[int, int],
+                 input_name: str = IMAGES_INPUT):
+  """string [B] of encoded images -> float32 [B, h, w, 3] in [0, 255]."""
+  images = tf.convert_to_tensor(images, tf.string)
+  count = tf.size(images)
+  non_empty = tf.debugging.Assert(
+      count > 0, [f'{input_name} is an empty batch: send at least one '
+                  f'encoded image.'])
+  with tf.control_dependencies([non_empty]):
+    indices = tf.range(count)
+
+  def decode_one(args):
+    index, data = args
+    with tf.control_dependencies([check_encoded_image(data, index,
+                                                      input_name)]):
+      image = decode_rgb(data)
+    return resize_to(image, image_size)
+
+  return tf.map_fn(
+      decode_one, (indices, images),
+      fn_output_signature=tf.TensorSpec([image_size[0], image_size[1], 3],
+                                        tf.float32))
+
+
+def check_pixels(pixels, input_name: str = PIXELS_INPUT):
+  """Asserts a non-empty finite RGB batch in [0, 255]; returns the pixels."""
+  pixels = tf.convert_to_tensor(pixels, tf.float32)
+  shape = tf.shape(pixels)
+  checks = [
+      tf.debugging.Assert(
+          shape[0] > 0, [f'{input_name} is an empty batch: send at least one '
+                         f'image.']),
+      tf.debugging.Assert(
+          tf.logical_and(shape[1] > 0, shape[2] > 0),
+          [tf.strings.format(input_name + ' images have no pixels: height '
+                             '{}, width {}.', (shape[1], shape[2]))]),
+  ]
+  with tf.control_dependencies(checks):
+    finite = tf.reduce_all(tf.math.is_finite(pixels))
+    in_range = tf.logical_and(tf.reduce_all(pixels >= 0.0),
+                              tf.reduce_all(pixels <= 255.0))
+  checks = [
+      tf.debugging.Assert(finite, [f'{input_name} holds NaN or infinite '
+                                   f'values.']),
+      tf.debugging.Assert(
+          tf.logical_or(tf.logical_not(finite), in_range),
+          [tf.strings.format(input_name + ' must be RGB in [0, 255]; got min '
+                             '{}, max {}.', (tf.reduce_min(pixels),
+                                             tf.reduce_max(pixels)))]),
+  ]
+  with tf.control_dependencies(checks):
+    return tf.identity(pixels)
+
+
+class FeatureExtractor(tf.Module):
+  """A trunk with decoding, preprocessing and pooling (see module docstring).
+
+  Args:
+    trunk: a built `ResNetV2` (its output stride is the one served).
+    image_size: (height, width) encoded images are resized to.
+    pooled_grid: the adaptive max-pool grid of the `pooled` output.
+  """
+
+  # tf.Module computes these as properties; the Reusable SavedModel API wants
+  # them as saved attributes, so instances set them explicitly.
+  variables = ()
+  trainable_variables = ()
+
+  def __init__(self, trunk, image_size: Sequence[int] = DEFAULT_IMAGE_SIZE,
+               pooled_grid: Sequence[int] = POOLED_GRID, name=None):
+    super().__init__(name=name)
+    image_size = tuple(int(s) for s in image_size)
+    if len(image_size) != 2 or min(image_size) < 1:
+      raise ValueError(f'image_size must be (height, width) with positive '
+                       f'sizes, got {image_size}.')
+    if not trunk.built:
+      trunk.build_for_input()
+    self.backbone = trunk
+    self.image_size = image_size
+    self.pooled_grid = tuple(int(g) for g in pooled_grid)
+    self.output_stride = trunk.effective_output_stride
+    self.depth = trunk.output_depth
+    self.variables = list(trunk.variables)
+    self.trainable_variables = list(trunk.trainable_variables)
+    self.regularization_losses = [
+        tf.function(self._regularization_loss, input_signature=[])]
+
+  def _regularization_loss(self):
+    losses = self.backbone.losses
+    if not losses:
+      return tf.constant(0.0)
+    return tf.add_n(losses)
+
+  def features(self, pixels, training=False) -> Dict[str, tf.Tensor]:
+    """float [B, H, W, 3] RGB in [0, 255] -> {'block3', 'pooled'} (no checks)."""
+    end_points = self.backbone(vgg_preprocess(pixels), training=training)
+    block3 = end_points[self.backbone.output_name]
+    return {
+        BLOCK3_OUTPUT: block3,
+        POOLED_OUTPUT: pooling.adaptive_max_pool2d(block3, self.pooled_grid),
+    }
+
+  @tf.function
+  def __call__(self, pixels, training=False):
+    return self.features(check_pixels(pixels), training=training)
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None], tf.string, name=IMAGES_INPUT)])
+  def serve_images(self, images):
+    return self.features(decode_batch(images, self.image_size))
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None, None, None, 3], tf.float32, name=PIXELS_INPUT)])
+  def serve_pixels(self, pixels):
+    return self.features(check_pixels(pixels))
+
+  def trace_call(self):
+    """Traces `__call__` for inference and training, as SavedModel needs."""
+    spec = tf.TensorSpec([None, None, None, 3], tf.float32)
+    for training in (False, True):
+      self.__call__.get_concrete_function(spec, training=training)
+
+  def signatures(self):
+    return {
+        SERVING_SIGNATURE: self.serve_images.get_concrete_function(),
+        PIXELS_SIGNATURE: self.serve_pixels.get_concrete_function(),
+    }
+
+  def describe(self) -> dict:
+    """What the export serves: sizes and output shapes (None = dynamic)."""
+    h, w = self.image_size
+    s = self.output_stride
+    return {
+        'trunk': self.backbone.scope,
+        'output_stride': s,
+        'depth': self.depth,
+        'image_size': [h, w],
+        'pooled_grid': list(self.pooled_grid),
+        'signatures': {
+            SERVING_SIGNATURE: {
+                'inputs': {IMAGES_INPUT: {'dtype': 'string', 'shape': [None]}},
+                'outputs': {
+                    BLOCK3_OUTPUT: {'dtype': 'float32', 'shape': [
+                        None, -(-h // s), -(-w // s), self.depth]},
+                    POOLED_OUTPUT: {'dtype': 'float32', 'shape': [
+                        None, *self.pooled_grid, self.depth]},
+                },
+            },
+            PIXELS_SIGNATURE: {
+                'inputs': {PIXELS_INPUT: {'dtype': 'float32',
+                                          'shape': [None, None, None, 3]}},
+                'outputs': {
+                    BLOCK3_OUTPUT: {'dtype': 'float32',
+                                    'shape': [None, None, None, self.depth]},
+                    POOLED_OUTPUT: {'dtype': 'float32', 'shape': [
+                        None, *self.pooled_grid, self.depth]},
+                },
+            },
+        },
+    }
