@@ -272,6 +272,8 @@ class PriorTest(tf.test.TestCase):
     missing = os.path.join(self.get_temp_dir(), 'nope.npy')
     with self.assertRaisesRegex(ab_bins.ColorPriorError, 'nope.npy.*does not exist'):
       col.ColorizationTask(col.ColConfig(prior_path=missing))
+    with self.assertRaisesRegex(ab_bins.ColorPriorError, 'No colour prior file'):
+      col.ColorizationTask(col.ColConfig(prior_path=''))
     bad = os.path.join(self.get_temp_dir(), 'bad.npy')
     np.save(bad, np.ones(10))
     with self.assertRaisesRegex(ab_bins.ColorPriorError, r'bad.npy.*shape'):
@@ -452,7 +454,7 @@ class ColorizeToolTest(tf.test.TestCase):
         resnet_v2.trunk_from_name('resnet_v2_tiny'),
         {'col': small_task(head_widths=(16, 16))})
     col.colorize_images(other, images[:1])
-    with self.assertRaisesRegex(col.ColorizeError, 'does not hold'):
+    with self.assertRaisesRegex(col.ColorizeError, 'does not match this trunk'):
       col.restore_col_model(other, prefix)
 
   def test_command_lines(self):

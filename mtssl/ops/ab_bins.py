@@ -268,7 +268,8 @@ def _check_prior(prior: np.ndarray, path: str) -> None:
 def load_prior(path: str) -> np.ndarray:
   """Reads and checks a prior written by `save_prior`; float64 [313], sums to 1."""
   if not path:
-    raise ColorPriorError('No colour prior file given.')
+    raise ColorPriorError('No colour prior file given (an empty path); the '
+                          f'built-in one is {default_prior_path()!r}.')
   if not os.path.isfile(path):
     raise ColorPriorError(
         f'Colour prior {path!r} does not exist. Estimate one with '

@@ -57,7 +57,7 @@ input | prediction | truth side by side.
 
 import dataclasses
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -67,6 +67,7 @@ import tf_keras
 from mtssl import io_utils
 from mtssl import preprocessing
 from mtssl.backbones import resnet_v2
+from mtssl.backbones import slim_checkpoint
 from mtssl.ops import ab_bins
 from mtssl.ops import color
 from mtssl.tasks import base
@@ -83,7 +84,8 @@ class ColConfig(base.TaskConfig):
   num_neighbors: int = 5           # soft encoding k (Zhang paper 5, code 10)
   sigma: float = ab_bins.SIGMA     # soft encoding Gaussian, ab units
   rebalance_lambda: float = ab_bins.REBALANCE_LAMBDA  # 1 = no rebalancing
-  prior_path: str = ''             # empty: the built-in synthetic-data prior
+  # Colour prior of the training data; default: the built-in synthetic one.
+  prior_path: str = dataclasses.field(default_factory=ab_bins.default_prior_path)
   temperature: float = ab_bins.ANNEALED_TEMPERATURE
   head_widths: Tuple[int, ...] = (4096, 4096)  # 2x2 conv, then 1x1 convs
   head_batch_norm: bool = True
@@ -248,7 +250,7 @@ class ColorizationTask(base.Task):
   def __init__(self, config=None, load_prior: bool = True):
     """`load_prior=False` only for estimating a prior (no loss without one)."""
     super().__init__(config)
-    self.prior_path = self.config.prior_path or ab_bins.default_prior_path()
+    self.prior_path = self.config.prior_path
     self.prior = self.class_weights = None
     if load_prior:
       self.prior = ab_bins.load_prior(self.prior_path)
@@ -390,23 +392,11 @@ def restore_col_model(model, checkpoint: str) -> str:
   i.e. MultiTaskModel.checkpoint_items; other heads and optimizer state in it
   are ignored. Returns the prefix read.
   """
-  path = checkpoint
-  if tf.io.gfile.isdir(path):
-    path = tf.train.latest_checkpoint(path)
-    if path is None:
-      raise ColorizeError(f'No checkpoint found in directory {checkpoint!r}.')
   items = {'backbone': model.trunk, 'heads': {'col': model.heads['col']}}
   if 'col' in model.lasso:
     items['lasso'] = {'col': model.lasso['col']}
-  try:
-    status = tf.train.Checkpoint(**items).read(path)
-    status.assert_existing_objects_matched()
-  except (AssertionError, ValueError, tf.errors.OpError) as e:
-    raise ColorizeError(
-        f'Checkpoint {path!r} does not hold this trunk and col head: '
-        f'{str(e).splitlines()[0]}') from None
-  status.expect_partial()
-  return path
+  return slim_checkpoint.restore_objects(
+      checkpoint, items, 'this trunk and col head', error_class=ColorizeError)
 
 
 def colorize_images(model, images: Sequence[np.ndarray]) -> np.ndarray:
