@@ -216,25 +216,37 @@ def convert_slim_checkpoint(slim_path: str, output_dir: str, depth: int = 101,
   return prefix, report
 
 
+def restore_objects(path: str, objects, description: str,
+                    error_class=SlimCheckpointError) -> str:
+  """Restores `objects` ({checkpoint key: object}) from a checkpoint.
+
+  `path` may be a checkpoint prefix or a directory (its latest checkpoint).
+  Every variable of `objects` must be in the checkpoint, or `error_class` is
+  raised naming `description` and the first mismatch; anything else in the
+  checkpoint (other heads, optimizer state) is ignored. Returns the prefix.
+  """
+  if tf.io.gfile.isdir(path):
+    latest = tf.train.latest_checkpoint(path)
+    if latest is None:
+      raise error_class(f'No checkpoint found in directory {path!r}.')
+    path = latest
+  try:
+    status = tf.train.Checkpoint(**objects).read(path)
+    status.assert_existing_objects_matched()
+  except (AssertionError, ValueError, tf.errors.OpError) as e:
+    raise error_class(
+        f'Checkpoint {path!r} does not match {description}: '
+        f'{str(e).splitlines()[0]}') from None
+  status.expect_partial()
+  return path
+
+
 def restore_trunk(trunk: resnet_lib.ResNetV2, path: str):
   """Restores the trunk from a converted or trainer checkpoint (`backbone` key).
 
   `path` may be a checkpoint prefix or a directory. Every trunk variable must
   be restored; the trainer's extra objects (heads, optimizers) are ignored.
   """
-  if tf.io.gfile.isdir(path):
-    latest = tf.train.latest_checkpoint(path)
-    if latest is None:
-      raise SlimCheckpointError(f'No checkpoint found in directory {path!r}.')
-    path = latest
   if not trunk.built:
     trunk.build_for_input()
-  try:
-    status = tf.train.Checkpoint(**{CONVERTED_PREFIX: trunk}).read(path)
-    status.assert_existing_objects_matched()
-  except (AssertionError, ValueError, tf.errors.OpError) as e:
-    raise SlimCheckpointError(
-        f'Checkpoint {path!r} does not match trunk {trunk.scope}: '
-        f'{str(e).splitlines()[0]}') from None
-  status.expect_partial()
-  return path
+  return restore_objects(path, {CONVERTED_PREFIX: trunk}, f'trunk {trunk.scope}')

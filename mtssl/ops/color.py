@@ -63,3 +63,15 @@ def lab_to_rgb(lab):
 def rgb_to_lightness(rgb):
   """sRGB in [0, 1] -> the L channel (..., 1) in [0, 100]."""
   return rgb_to_lab(rgb)[..., :1]
+
+
+def lightness_as_rgb(rgb):
+  """RGB in [0, 255] (any dtype) -> float32 (..., 3) = L * 255 / 100, three times.
+
+  The grayscale input of colorization (and of harmonized relative position):
+  Lab lightness rescaled to the [0, 255] range of RGB pixels and replicated
+  into three identical channels, so that it can go through `vgg_preprocess`
+  into the trunk like any RGB image.
+  """
+  lightness = rgb_to_lightness(tf.cast(rgb, tf.float32) / 255.0) * (255.0 / 100.0)
+  return tf.concat([lightness, lightness, lightness], axis=-1)

@@ -1,0 +1,293 @@
+"""Quantized ab colour space of colorization (Zhang, Isola, Efros 2016).
+
+Colorization predicts, per output pixel, a distribution over Q = 313 bins of
+the ab plane of CIE Lab. This module owns everything about those bins: the
+bin set, the soft encoding of targets, the class-rebalancing weights, the
+colour prior they come from (and its file format), and annealed-mean decoding.
+
+Bins (`ab_bins`)
+----------------
+Bin centres lie on the ab grid of step 10 (multiples of 10). Zhang et al. "keep
+the Q = 313 values which are in-gamut". With the standard sRGB (D65) to Lab
+conversion of mtssl.ops.color, the colours reachable in sRGB cover fewer grid
+cells than that (measured here):
+
+  * 228 grid points are themselves in gamut (some L makes the Lab colour sRGB),
+  * 261 cells of side 10 around a grid point contain the ab of some 8-bit sRGB
+    colour (all 16.7 M colours enumerated),
+
+and the set Zhang et al. released (`pts_in_hull.npy`) holds all 261 of those
+cells plus 52 border points no sRGB colour reaches. Their exact procedure is
+not published, so Q = 313 is taken from the paper and the set is computed as
+
+  the Q grid points nearest to the ab region that sRGB colours reach,
+
+distance measured in ab (Euclidean) and 0 inside the region. A grid point is
+inside when, for some L in [0, 100] (step 0.25), the Lab colour survives the
+round trip Lab -> sRGB (clipped) -> Lab within 0.01; otherwise its distance
+is the distance to the nearest ab of the 393,216 8-bit colours on the surface
+of the RGB cube (the region's boundary is the image of the cube's surface).
+The selection is not sensitive to the details: the 313th point lies 13.25
+from the region, the 314th 13.73. It contains every one of the 261 reachable
+cells (so every sRGB colour is within 5 * sqrt(2) of a bin) and shares 309 of
+its 313 bins with Zhang et al.'s released set. Bins are sorted by (a, b), as
+in that set. The computation takes about a second and runs once per process
+(`functools.lru_cache`).
+
+Soft encoding (`soft_encode`)
+-----------------------------
+A target ab is encoded by its k nearest bins with Gaussian weights
+exp(-d^2 / (2 sigma^2)), sigma = 5, normalized to sum to 1. The encoding is
+returned sparsely, as k bin indices (nearest first) and k weights, rather than
+as a dense 313-vector: the loss gathers k log-probabilities per pixel.
+
+Class rebalancing (`rebalancing_weights`)
+-----------------------------------------
+w = ((1 - lambda) p~ + lambda / Q)^-1, rescaled so that E_p~[w] = sum_q p~_q
+w_q = 1, with p~ the smoothed empirical bin distribution of the training data
+(the "prior"). lambda = 1 gives w = 1 everywhere, i.e. no rebalancing.
+
+The prior (`smooth_histogram`, `save_prior`, `load_prior`)
+---------------------------------------------------------
+A histogram over the bins, smoothed as Zhang et al. do with a Gaussian of
+sigma 5 in ab units: p~_q is proportional to sum_j h_j exp(-|c_q - c_j|^2 /
+(2 sigma^2)), renormalized to sum to 1. Stored as a float64 .npy of shape
+[313] (with a .json of how it was made beside it), written atomically.
+
+Decoding (`annealed_mean`)
+--------------------------
+The annealed mean of Zhang et al.: softmax(logits / T) weighted mean of the
+bin centres, T = 0.38. T = 1 is the mean of the predicted distribution, T -> 0
+its mode.
+"""
+
+import functools
+import io
+import json
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from mtssl import io_utils
+from mtssl.ops import color
+
+NUM_BINS = 313        # Q of Zhang et al.
+GRID_STEP = 10.0      # ab grid step of the bin centres
+SIGMA = 5.0           # soft encoding and prior smoothing, ab units
+REBALANCE_LAMBDA = 0.5
+ANNEALED_TEMPERATURE = 0.38
+
+_GRID_LIMIT = 150     # candidate centres span [-150, 150]^2 (the gamut: ~[-110, 100])
+_GAMUT_L_STEPS = 401  # L in [0, 100], step 0.25, for the inside test
+_ROUND_TRIP_TOLERANCE = 0.01
+
+
+class ColorPriorError(ValueError):
+  """A colour prior file that is missing or cannot be used."""
+
+
+def _cube_surface_rgb() -> np.ndarray:
+  """Every 8-bit colour on the surface of the RGB cube, float32 in [0, 1]."""
+  v = np.arange(256, dtype=np.float32) / 255.0
+  u, w = (x.ravel() for x in np.meshgrid(v, v, indexing='ij'))
+  faces = []
+  for channel in range(3):
+    for value in (0.0, 1.0):
+      columns = [u, w]
+      columns.insert(channel, np.full_like(u, value))
+      faces.append(np.stack(columns, axis=1))
+  return np.concatenate(faces)
+
+
+def _candidate_grid() -> np.ndarray:
+  axis = np.arange(-_GRID_LIMIT, _GRID_LIMIT + 1, GRID_STEP)
+  a, b = np.meshgrid(axis, axis, indexing='ij')
+  return np.stack([a.ravel(), b.ravel()], axis=1)
+
+
+@functools.lru_cache(maxsize=None)
+def gamut_distances() -> Tuple[np.ndarray, np.ndarray]:
+  """(grid [G, 2], distance [G]) of every candidate grid point to the sRGB region.
+
+  Distance 0 means the grid point itself is reachable with some L (see the
+  module docstring). Read-only arrays.
+  """
+  from scipy import spatial  # pylint: disable=g-import-not-at-top
+  with tf.init_scope():  # Eager even when first needed inside a graph.
+    return _gamut_distances(spatial)
+
+
+def _gamut_distances(spatial):
+  grid = _candidate_grid()
+  lightness = np.linspace(0.0, 100.0, _GAMUT_L_STEPS)
+  lab = np.concatenate([
+      np.broadcast_to(lightness[None, :, None], (len(grid), len(lightness), 1)),
+      np.broadcast_to(grid[:, None, :], (len(grid), len(lightness), 2))],
+                       axis=-1).astype(np.float32)
+  round_trip = color.rgb_to_lab(color.lab_to_rgb(lab)).numpy()
+  inside = np.any(np.max(np.abs(round_trip - lab), axis=-1)
+                  < _ROUND_TRIP_TOLERANCE, axis=1)
+  surface_ab = color.rgb_to_lab(_cube_surface_rgb()).numpy()[:, 1:]
+  outside_distance, _ = spatial.cKDTree(surface_ab.astype(np.float64)).query(grid)
+  distance = np.where(inside, 0.0, outside_distance)
+  grid.setflags(write=False)
+  distance.setflags(write=False)
+  return grid, distance
+
+
+@functools.lru_cache(maxsize=None)
+def ab_bins() -> np.ndarray:
+  """The Q = 313 bin centres, float32 [313, 2] (a, b), sorted by (a, b)."""
+  grid, distance = gamut_distances()
+  nearest = np.lexsort((grid[:, 1], grid[:, 0], distance))[:NUM_BINS]
+  bins = grid[nearest]
+  bins = bins[np.lexsort((bins[:, 1], bins[:, 0]))].astype(np.float32)
+  bins.setflags(write=False)
+  return bins
+
+
+def _bins_tensor():
+  return tf.constant(ab_bins(), tf.float32)
+
+
+def _squared_distances(ab):
+  """|ab - c_q|^2 for every bin: (..., 2) -> (..., 313), float32."""
+  ab = tf.cast(ab, tf.float32)
+  diff = ab[..., None, :] - _bins_tensor()
+  return tf.reduce_sum(tf.square(diff), axis=-1)
+
+
+def nearest_bin(ab):
+  """Index of the nearest bin of every ab value: (..., 2) -> int32 (...)."""
+  return tf.argmin(_squared_distances(ab), axis=-1, output_type=tf.int32)
+
+
+def soft_encode(ab, num_neighbors: int = 5, sigma: float = SIGMA):
+  """Soft encoding of ab targets over their k nearest bins.
+
+  Args:
+    ab: float (..., 2), any leading shape (a batch of target maps).
+    num_neighbors: k, the number of bins that share each target.
+    sigma: standard deviation of the Gaussian weighting, in ab units.
+
+  Returns:
+    (indices int32 (..., k), weights float32 (..., k)): bins ordered nearest
+    first; weights exp(-d^2 / (2 sigma^2)) normalized to sum to 1.
+  """
+  if not 1 <= num_neighbors <= NUM_BINS:
+    raise ValueError(f'num_neighbors must be in [1, {NUM_BINS}], got '
+                     f'{num_neighbors}.')
+  negative, indices = tf.math.top_k(-_squared_distances(ab), k=num_neighbors)
+  # Relative to the nearest bin, so the weights never all underflow.
+  logits = (negative - negative[..., :1]) / (2.0 * sigma * sigma)
+  return indices, tf.nn.softmax(logits, axis=-1)
+
+
+def decode_soft_encoding(indices, weights):
+  """The mean ab of a soft encoding: (..., k) indices and weights -> (..., 2)."""
+  centres = tf.gather(_bins_tensor(), indices)
+  return tf.reduce_sum(centres * weights[..., None], axis=-2)
+
+
+def dense_encoding(indices, weights):
+  """A sparse soft encoding as dense 313-way distributions (..., 313)."""
+  one_hot = tf.one_hot(indices, NUM_BINS, dtype=tf.float32)
+  return tf.reduce_sum(one_hot * weights[..., None], axis=-2)
+
+
+def annealed_mean(logits, temperature: float = ANNEALED_TEMPERATURE):
+  """ab prediction from 313-way logits: (..., 313) -> float32 (..., 2)."""
+  if temperature <= 0:
+    raise ValueError(f'temperature must be positive, got {temperature}.')
+  probs = tf.nn.softmax(tf.cast(logits, tf.float32) / temperature, axis=-1)
+  return tf.einsum('...q,qc->...c', probs, _bins_tensor())
+
+
+# Class rebalancing and the prior ------------------------------------------
+
+
+def smooth_histogram(counts, sigma: float = SIGMA) -> np.ndarray:
+  """Histogram over the bins -> smoothed probabilities p~ (float64 [313])."""
+  counts = np.asarray(counts, np.float64)
+  if counts.shape != (NUM_BINS,):
+    raise ValueError(f'Expected {NUM_BINS} bin counts, got shape {counts.shape}.')
+  if not np.all(np.isfinite(counts)) or np.any(counts < 0) or counts.sum() <= 0:
+    raise ValueError('Bin counts must be finite, non-negative and not all zero.')
+  bins = ab_bins().astype(np.float64)
+  squared = np.sum(np.square(bins[:, None, :] - bins[None, :, :]), axis=-1)
+  smoothed = np.exp(-squared / (2.0 * sigma * sigma)) @ counts
+  return smoothed / smoothed.sum()
+
+
+def rebalancing_weights(prior, rebalance_lambda: float = REBALANCE_LAMBDA
+                        ) -> np.ndarray:
+  """w_q proportional to ((1 - lambda) p~_q + lambda / Q)^-1 with E_p~[w] = 1."""
+  prior = np.asarray(prior, np.float64)
+  if not 0.0 < rebalance_lambda <= 1.0:
+    raise ValueError(f'rebalance_lambda must be in (0, 1], got '
+                     f'{rebalance_lambda}.')
+  weights = 1.0 / ((1.0 - rebalance_lambda) * prior + rebalance_lambda / NUM_BINS)
+  return weights / np.sum(prior * weights)
+
+
+def default_prior_path() -> str:
+  """The prior of the built-in synthetic data, shipped with the package."""
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      'data', 'priors', 'synthetic_ab_prior.npy')
+
+
+def save_prior(path: str, prior, metadata: Optional[dict] = None) -> None:
+  """Writes the prior (.npy) and, with metadata, `<path minus .npy>.json`."""
+  prior = np.asarray(prior, np.float64)
+  _check_prior(prior, path)
+  buffer = io.BytesIO()
+  np.save(buffer, prior, allow_pickle=False)
+  io_utils.atomic_write_bytes(path, buffer.getvalue())
+  if metadata is not None:
+    io_utils.atomic_write_json(os.path.splitext(path)[0] + '.json', metadata)
+
+
+def _check_prior(prior: np.ndarray, path: str) -> None:
+  problem = None
+  if prior.shape != (NUM_BINS,):
+    problem = f'expected shape ({NUM_BINS},) (one probability per ab bin), got {prior.shape}'
+  elif not np.issubdtype(prior.dtype, np.floating):
+    problem = f'expected floating-point probabilities, got dtype {prior.dtype}'
+  elif not np.all(np.isfinite(prior)):
+    problem = 'it contains NaN or infinite values'
+  elif np.any(prior < 0):
+    problem = f'it contains negative probabilities (min {prior.min():.3g})'
+  elif abs(prior.sum() - 1.0) > 1e-3:
+    problem = f'its probabilities sum to {prior.sum():.6g}, not 1'
+  if problem:
+    raise ColorPriorError(f'Colour prior {path!r} is malformed: {problem}.')
+
+
+def load_prior(path: str) -> np.ndarray:
+  """Reads and checks a prior written by `save_prior`; float64 [313], sums to 1."""
+  if not path:
+    raise ColorPriorError('No colour prior file given (an empty path); the '
+                          f'built-in one is {default_prior_path()!r}.')
+  if not os.path.isfile(path):
+    raise ColorPriorError(
+        f'Colour prior {path!r} does not exist. Estimate one with '
+        f'tools/estimate_color_prior.py, or use the built-in prior '
+        f'{default_prior_path()!r}.')
+  try:
+    prior = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise ColorPriorError(f'Colour prior {path!r} is not a readable .npy '
+                          f'array: {str(e).splitlines()[0]}') from None
+  _check_prior(prior, path)
+  return (prior / prior.sum()).astype(np.float64)
+
+
+def read_prior_metadata(path: str) -> dict:
+  """The .json written beside a prior, or {} when there is none."""
+  meta = os.path.splitext(path)[0] + '.json'
+  if not os.path.isfile(meta):
+    return {}
+  with open(meta, encoding='utf-8') as f:
+    return json.load(f)

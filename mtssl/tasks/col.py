@@ -1,0 +1,431 @@
+"""Colorization (Zhang, Isola, Efros 2016) as the paper reimplemented it.
+
+Given the lightness of an image, predict its colour: a 313-way distribution
+over quantized ab bins (mtssl.ops.ab_bins) for every 8x8 region. Paper
+sections 2 and 3.4, SPEC section 3.
+
+Input pipeline (`make_dataset`), per stream position k with randomness from
+(seed, k) only:
+  1. Resize the image so that its shorter side is `image_size` (bilinear with
+     antialiasing; skipped when it already is), take a random `image_size`
+     square crop and flip it left-right with probability 1/2 (Zhang et al.
+     crop and mirror too). Offsets and flip come from a stateless draw seeded
+     by fold_in((seed, k), 0xC01), so every task gets its own crops of a
+     shared stream.
+  2. Lab of the crop. Trunk input: `vgg_preprocess(lightness_as_rgb(crop))`,
+     the L channel scaled to [0, 255] and replicated x3, minus the VGG mean.
+  3. Target ab at the output stride: the mean ab of each stride x stride cell
+     (area average; for 256 x 256 inputs a 32 x 32 map). Averaging makes the
+     target of a logit the colour of the region its 8x8 cell covers; Zhang et
+     al. point-sample instead (every 4th pixel), which aliases texture. The
+     trunk's feature (i, j) is centred about 1.5 px from the cell centre.
+  4. Images without colour teach nothing: an example whose crop has
+     max(|a|, |b|) < `min_chroma` (3 ab units: JPEG noise in a grayscale
+     photo stays below it) is skipped and counted in the source's counter as
+     `col_skipped_grayscale`.
+  5. After batching, the target maps are soft-encoded (vectorized over the
+     batch): k nearest bins, Gaussian sigma 5. k defaults to 5, the value of
+     Zhang et al.'s paper (their released code uses 10; `num_neighbors`).
+
+Head (paper 3.4): conv 2x2, 4096 -> conv 1x1, 4096 -> conv 1x1, 313 logits,
+all stride 1. The 2x2 convolution pads as TF/Slim SAME does at stride 1: one
+row and one column of zeros after the input (bottom, right), so the map keeps
+its size. The hidden convolutions follow the Slim arg scope the trunk uses
+(the original code was TF-Slim): no bias, batch norm (decay 0.997, eps 1e-5),
+ReLU, He init, weight decay 1e-4; `head_batch_norm=False` gives plain
+conv + bias + ReLU instead, the paper's wording read literally. The logits
+layer has a bias and no normalization, and runs in float32 under mixed
+precision. 34.87 M parameters on the 1024-channel trunk (35.7 G
+multiply-accumulates per 256 x 256 image).
+
+Loss: per-pixel 313-way softmax cross-entropy against the soft-encoded
+target, times the class-rebalancing weight of the pixel's nearest bin,
+averaged over pixels and batch (Zhang et al.'s sum over pixels, divided by
+their number). The weights have mean 1 under the prior, so the loss stays on
+the scale of an unweighted cross-entropy. The prior is estimated from
+training data with tools/estimate_color_prior.py; the default is the one of
+the built-in synthetic data, shipped in mtssl/data/priors/.
+
+Metrics: `loss`; `accuracy` (argmax bin = nearest bin of the target);
+`cross_entropy` (without rebalancing); `ab_error` (mean ab distance between
+the annealed-mean prediction and the target, at the output resolution).
+
+Decoding: annealed mean (T = 0.38), bilinearly upsampled to the input size and
+joined with the input's L. `image_summaries` and tools/colorize.py show gray
+input | prediction | truth side by side.
+"""
+
+import dataclasses
+import os
+from typing import List, Sequence, Tuple
+
+import cv2
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from mtssl import io_utils
+from mtssl import preprocessing
+from mtssl.backbones import resnet_v2
+from mtssl.backbones import slim_checkpoint
+from mtssl.ops import ab_bins
+from mtssl.ops import color
+from mtssl.tasks import base
+
+_SEED_SALT = 0xC01  # Separates this task's per-example draws from other tasks'.
+SKIP_REASON = 'col_skipped_grayscale'
+
+
+@dataclasses.dataclass
+class ColConfig(base.TaskConfig):
+  """Colorization settings; defaults are the paper's."""
+  image_size: int = 256            # square input (paper: 256)
+  target_stride: int = 8           # output stride of the trunk (paper: 8)
+  num_neighbors: int = 5           # soft encoding k (Zhang paper 5, code 10)
+  sigma: float = ab_bins.SIGMA     # soft encoding Gaussian, ab units
+  rebalance_lambda: float = ab_bins.REBALANCE_LAMBDA  # 1 = no rebalancing
+  # Colour prior of the training data; default: the built-in synthetic one.
+  prior_path: str = dataclasses.field(default_factory=ab_bins.default_prior_path)
+  temperature: float = ab_bins.ANNEALED_TEMPERATURE
+  head_widths: Tuple[int, ...] = (4096, 4096)  # 2x2 conv, then 1x1 convs
+  head_batch_norm: bool = True
+  min_chroma: float = 3.0          # max |a|,|b| below this: grayscale, skipped
+  random_flip: bool = True
+  summary_images: int = 3
+
+  def validate(self):
+    super().validate()
+    if self.target_stride <= 0 or self.image_size <= 0:
+      raise ValueError('image_size and target_stride must be positive, got '
+                       f'{self.image_size} and {self.target_stride}.')
+    if self.image_size % self.target_stride:
+      raise ValueError(f'image_size {self.image_size} must be a multiple of '
+                       f'target_stride {self.target_stride}.')
+    if not 1 <= self.num_neighbors <= ab_bins.NUM_BINS:
+      raise ValueError(f'num_neighbors must be in [1, {ab_bins.NUM_BINS}], '
+                       f'got {self.num_neighbors}.')
+    if self.sigma <= 0 or self.temperature <= 0:
+      raise ValueError(f'sigma and temperature must be positive, got '
+                       f'{self.sigma} and {self.temperature}.')
+    if not 0 < self.rebalance_lambda <= 1:
+      raise ValueError(f'rebalance_lambda must be in (0, 1], got '
+                       f'{self.rebalance_lambda}.')
+    if not self.head_widths or any(int(w) <= 0 for w in self.head_widths):
+      raise ValueError(f'head_widths must be positive widths, got '
+                       f'{self.head_widths}.')
+    if self.min_chroma < 0 or self.summary_images < 0:
+      raise ValueError('min_chroma and summary_images must be >= 0.')
+
+
+# Preprocessing ops (each works eagerly and inside tf.data) -----------------
+
+
+def example_seed(seed, index):
+  """The stateless seed of the example at stream position `index`."""
+  pair = tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)])
+  return tf.random.experimental.stateless_fold_in(pair, _SEED_SALT)
+
+
+def square_crop(image, size: int, seed=None, random_flip: bool = True):
+  """uint8 [H, W, 3] -> uint8 [size, size, 3]: shorter side to size, crop.
+
+  With `seed` (a stateless seed pair) the crop is at a random offset and
+  flipped with probability 1/2 (when `random_flip`); without, it is the
+  centre crop.
+  """
+  image = tf.convert_to_tensor(image)
+  shape = tf.shape(image)
+  height, width = shape[0], shape[1]
+  scale = size / tf.cast(tf.minimum(height, width), tf.float32)
+  new_h = tf.maximum(size, tf.cast(tf.round(tf.cast(height, tf.float32) * scale),
+                                   tf.int32))
+  new_w = tf.maximum(size, tf.cast(tf.round(tf.cast(width, tf.float32) * scale),
+                                   tf.int32))
+
+  def _resize():
+    resized = tf.image.resize(tf.cast(image, tf.float32), [new_h, new_w],
+                              method='bilinear', antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+  needs_resize = tf.not_equal(tf.minimum(height, width), size)
+  image = tf.cond(needs_resize, _resize, lambda: tf.cast(image, tf.uint8))
+  if seed is None:
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    flip = tf.constant(False)
+  else:
+    draws = tf.random.stateless_uniform([3], seed=seed)
+    top = tf.cast(draws[0] * tf.cast(new_h - size + 1, tf.float32), tf.int32)
+    left = tf.cast(draws[1] * tf.cast(new_w - size + 1, tf.float32), tf.int32)
+    top = tf.minimum(top, new_h - size)
+    left = tf.minimum(left, new_w - size)
+    flip = tf.logical_and(tf.constant(random_flip), draws[2] < 0.5)
+  crop = image[top:top + size, left:left + size, :]
+  crop = tf.cond(flip, lambda: tf.reverse(crop, axis=[1]), lambda: crop)
+  crop.set_shape([size, size, 3])
+  return crop
+
+
+def ab_targets(lab, stride: int):
+  """Mean ab of every stride x stride cell: (..., H, W, 3) Lab -> (..., H/s, W/s, 2)."""
+  lab = tf.convert_to_tensor(lab, tf.float32)
+  ab = lab[..., 1:]
+  batched = ab if ab.shape.rank == 4 else ab[None]
+  pooled = tf.nn.avg_pool2d(batched, stride, stride, 'VALID')
+  return pooled if ab.shape.rank == 4 else pooled[0]
+
+
+def has_chroma(lab, min_chroma: float):
+  """False for an image without colour: max |a|, |b| below min_chroma."""
+  return tf.reduce_max(tf.abs(tf.convert_to_tensor(lab, tf.float32)[..., 1:])) >= min_chroma
+
+
+def gray_lightness(trunk_images):
+  """Trunk inputs (vgg_preprocess(lightness_as_rgb(x))) -> L in [0, 100], (..., 1)."""
+  return preprocessing.vgg_unpreprocess(trunk_images)[..., :1] * (100.0 / 255.0)
+
+
+def colorize(trunk_images, logits, temperature: float = ab_bins.ANNEALED_TEMPERATURE):
+  """RGB in [0, 1] from the gray trunk inputs [N, H, W, 3] and logits [N, h, w, 313]."""
+  lightness = gray_lightness(trunk_images)
+  ab = ab_bins.annealed_mean(logits, temperature)
+  ab = tf.image.resize(ab, tf.shape(lightness)[1:3], method='bilinear')
+  return color.lab_to_rgb(tf.concat([lightness, ab], axis=-1))
+
+
+def comparison_panels(trunk_images, logits, truth_rgb,
+                      temperature: float = ab_bins.ANNEALED_TEMPERATURE):
+  """gray input | prediction | truth side by side: float [N, H, 3W, 3] in [0, 1]."""
+  gray = tf.clip_by_value(
+      preprocessing.vgg_unpreprocess(trunk_images) / 255.0, 0.0, 1.0)
+  predicted = colorize(trunk_images, logits, temperature)
+  truth = tf.cast(truth_rgb, tf.float32) / 255.0
+  return tf.concat([gray, predicted, truth], axis=2)
+
+
+# Head ------------------------------------------------------------------------
+
+
+class ColorizationHead(tf_keras.Model):
+  """conv 2x2 -> conv 1x1 (... ) -> conv 1x1 313 logits, all stride 1."""
+
+  def __init__(self, widths: Sequence[int] = (4096, 4096),
+               num_bins: int = ab_bins.NUM_BINS, batch_norm: bool = True,
+               weight_decay: float = resnet_v2.WEIGHT_DECAY, **kwargs):
+    kwargs.setdefault('name', 'col_head')
+    super().__init__(**kwargs)
+    self.widths = tuple(int(w) for w in widths)
+    self.hidden = [
+        resnet_v2.SlimConv2D(width, 2 if i == 0 else 1, 1,
+                             batch_norm=batch_norm, activation=True,
+                             weight_decay=weight_decay, name=f'conv{i + 1}')
+        for i, width in enumerate(self.widths)
+    ]
+    self.logits = tf_keras.layers.Conv2D(
+        num_bins, 1, padding='same', use_bias=True,
+        kernel_initializer=resnet_v2.SlimVarianceScaling(),
+        kernel_regularizer=(resnet_v2.slim_l2(weight_decay)
+                            if weight_decay else None),
+        dtype='float32', name='logits')
+
+  def call(self, inputs, training=None):
+    net = inputs
+    for layer in self.hidden:
+      net = layer(net, training=training)
+    return self.logits(tf.cast(net, tf.float32))
+
+
+# The task --------------------------------------------------------------------
+
+
+@base.register
+class ColorizationTask(base.Task):
+  """Colorization: L in, 313-way ab bin distribution per 8x8 region out."""
+
+  name = 'col'
+  config_class = ColConfig
+  # The paper gives one ImageNet epoch as ~90 K40 GPU-hours but no batch
+  # size, so no per-step cost is claimed here (the trainer measures it).
+  paper_step_cost_gpu_hours = None
+
+  def __init__(self, config=None, load_prior: bool = True):
+    """`load_prior=False` only for estimating a prior (no loss without one)."""
+    super().__init__(config)
+    self.prior_path = self.config.prior_path
+    self.prior = self.class_weights = None
+    if load_prior:
+      self.prior = ab_bins.load_prior(self.prior_path)
+      self.class_weights = ab_bins.rebalancing_weights(
+          self.prior, self.config.rebalance_lambda).astype(np.float32)
+
+  # Inputs ----------------------------------------------------------------
+  def _example(self, index, image, seed):
+    cfg = self.config
+    crop = square_crop(image, cfg.image_size, example_seed(seed, index),
+                       cfg.random_flip)
+    lab = color.rgb_to_lab(tf.cast(crop, tf.float32) / 255.0)
+    features = {
+        'index': index,
+        'image': preprocessing.vgg_preprocess(color.lightness_as_rgb(crop)),
+    }
+    labels = {'image': crop, 'ab': ab_targets(lab, cfg.target_stride)}
+    return features, labels, has_chroma(lab, cfg.min_chroma)
+
+  def examples(self, source, seed: int, start: int = 0) -> tf.data.Dataset:
+    """Unbatched (features, labels) before soft encoding; grayscale skipped."""
+    counter = source.counter
+    ds = source.images(seed, start).map(
+        lambda k, image: self._example(k, image, seed),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.filter(lambda f, l, ok: counter.keep(ok, SKIP_REASON))
+    return ds.map(lambda f, l, ok: (f, l))
+
+  def encode_targets(self, features, labels):
+    """Adds the soft encoding of labels['ab'] (batched or not) to the labels."""
+    indices, weights = ab_bins.soft_encode(labels['ab'], self.config.num_neighbors,
+                                           self.config.sigma)
+    return features, dict(labels, bins=indices, bin_weights=weights)
+
+  def make_dataset(self, source, batch_size, seed, start=0):
+    ds = self.examples(source, seed, start).batch(batch_size, drop_remainder=True)
+    ds = ds.map(self.encode_targets, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+  # Model -----------------------------------------------------------------
+  def trunk_images(self, features):
+    return features['image']
+
+  def build_head(self):
+    return ColorizationHead(self.config.head_widths,
+                            batch_norm=self.config.head_batch_norm,
+                            name='col_head')
+
+  def _check_shapes(self, labels, logits):
+    got, want = logits.shape[1:3], labels['bins'].shape[1:3]
+    if got.is_fully_defined() and want.is_fully_defined() and got != want:
+      raise ValueError(
+          f'col: head output is {got.as_list()} but the targets are '
+          f'{want.as_list()}; the trunk must run at output stride '
+          f'{self.config.target_stride} (image_size {self.config.image_size}).')
+
+  def _pixel_cross_entropy(self, labels, logits):
+    log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
+    picked = tf.gather(log_probs, labels['bins'], batch_dims=3)
+    return -tf.reduce_sum(picked * labels['bin_weights'], axis=-1)
+
+  def pixel_weights(self, labels):
+    """Rebalancing weight of every target pixel (at its nearest bin)."""
+    if self.class_weights is None:
+      raise ValueError('col: this task was made without a colour prior '
+                       '(load_prior=False) and has no loss.')
+    return tf.gather(tf.constant(self.class_weights), labels['bins'][..., 0])
+
+  def loss(self, labels, outputs):
+    self._check_shapes(labels, outputs)
+    cross_entropy = self._pixel_cross_entropy(labels, outputs)
+    return tf.reduce_mean(cross_entropy * self.pixel_weights(labels))
+
+  # Metrics and summaries ---------------------------------------------------
+  def build_metrics(self):
+    return {name: tf_keras.metrics.Mean(name)
+            for name in ('loss', 'accuracy', 'cross_entropy', 'ab_error')}
+
+  def update_metrics(self, metrics, labels, outputs):
+    logits = tf.cast(outputs, tf.float32)
+    cross_entropy = self._pixel_cross_entropy(labels, logits)
+    metrics['loss'].update_state(
+        tf.reduce_mean(cross_entropy * self.pixel_weights(labels)))
+    metrics['cross_entropy'].update_state(cross_entropy)
+    hit = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32),
+                   labels['bins'][..., 0])
+    metrics['accuracy'].update_state(tf.cast(hit, tf.float32))
+    predicted = ab_bins.annealed_mean(logits, self.config.temperature)
+    metrics['ab_error'].update_state(
+        tf.norm(predicted - labels['ab'], axis=-1))
+
+  def image_summaries(self, features, labels, outputs):
+    n = self.config.summary_images
+    if not n:
+      return {}
+    panels = comparison_panels(features['image'][:n], outputs[:n],
+                               labels['image'][:n], self.config.temperature)
+    return {'col/gray_prediction_truth': panels}
+
+
+# Prior estimation (tools/estimate_color_prior.py) ----------------------------
+
+
+def estimate_prior(task: ColorizationTask, source, num_images: int,
+                 seed: int = 0, batch_size: int = 16,
+                 sigma: float = ab_bins.SIGMA):
+  """Bin histogram and smoothed prior of the targets the task trains on.
+
+  Counts the nearest bin of every target pixel (after cropping, averaging
+  to the output stride and skipping grayscale images, exactly as training
+  sees them) over `num_images` examples of the stream `seed`.
+  Returns (counts int64 [313], prior float64 [313]).
+  """
+  if num_images <= 0:
+    raise ValueError(f'num_images must be positive, got {num_images}.')
+  source.validate()
+  ds = task.examples(source, seed).take(num_images).batch(batch_size)
+  ds = ds.map(lambda f, l: ab_bins.nearest_bin(l['ab']),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  counts = np.zeros(ab_bins.NUM_BINS, np.int64)
+  for nearest in ds.as_numpy_iterator():
+    counts += np.bincount(nearest.ravel(), minlength=ab_bins.NUM_BINS)
+  return counts, ab_bins.smooth_histogram(counts, sigma)
+
+
+# Colorizing images with a model (tools/colorize.py) --------------------------
+
+
+class ColorizeError(ValueError):
+  """A checkpoint or model that cannot colorize."""
+
+
+def restore_col_model(model, checkpoint: str) -> str:
+  """Restores the trunk, the `col` head (and its lasso) of a built model.
+
+  `checkpoint` is a prefix or a directory of checkpoints laid out as
+  `tf.train.Checkpoint(backbone=trunk, heads={'col': head}[, lasso={'col': ...}])`,
+  i.e. MultiTaskModel.checkpoint_items; other heads and optimizer state in it
+  are ignored. Returns the prefix read.
+  """
+  items = {'backbone': model.trunk, 'heads': {'col': model.heads['col']}}
+  if 'col' in model.lasso:
+    items['lasso'] = {'col': model.lasso['col']}
+  return slim_checkpoint.restore_objects(
+      checkpoint, items, 'this trunk and col head', error_class=ColorizeError)
+
+
+def colorize_images(model, images: Sequence[np.ndarray]) -> np.ndarray:
+  """Colorizes RGB uint8 images with model's `col` task; uint8 panels [N, S, 3S, 3].
+
+  Each image is centre-cropped to the task's image_size (shorter side
+  resized first), converted to gray, run through trunk and head, and shown
+  as gray input | prediction | original.
+  """
+  task = model.tasks['col']
+  size = task.config.image_size
+  crops = tf.stack([square_crop(image, size) for image in images])
+  features = {'index': tf.range(len(images), dtype=tf.int64),
+              'image': preprocessing.vgg_preprocess(color.lightness_as_rgb(crops))}
+  logits = model.task_outputs('col', features, training=False)
+  panels = comparison_panels(features['image'], logits, crops,
+                             task.config.temperature)
+  return tf.cast(tf.round(panels * 255.0), tf.uint8).numpy()
+
+
+def write_panels(panels: np.ndarray, output_dir: str,
+                 prefix: str = 'colorized') -> List[str]:
+  """Writes each panel as `<output_dir>/<prefix>_NNNN.png` (atomically)."""
+  paths = []
+  for i, panel in enumerate(panels):
+    ok, encoded = cv2.imencode('.png', cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
+    if not ok:
+      raise ColorizeError(f'Could not encode panel {i} as PNG.')
+    path = os.path.join(output_dir, f'{prefix}_{i:04d}.png')
+    io_utils.atomic_write_bytes(path, encoded.tobytes())
+    paths.append(path)
+  return paths
