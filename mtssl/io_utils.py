@@ -13,6 +13,17 @@ import shutil
 import tempfile
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def _default_mode(directory: bool) -> int:
+  """The mode a plain open()/mkdir() would give (tempfile uses 0600/0700)."""
+  return (0o777 if directory else 0o666) & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str, overwrite: bool = False):
   """Yields a temporary directory that becomes `path` when the block succeeds.
@@ -27,6 +38,7 @@ def atomic_directory(path: str, overwrite: bool = False):
   parent = os.path.dirname(final)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(final)}.tmp-', dir=parent)
+  os.chmod(tmp, _default_mode(directory=True))
   try:
     yield tmp
   except BaseException:
@@ -49,6 +61,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
   fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(final)}.tmp-',
                              dir=os.path.dirname(final))
   try:
+    os.fchmod(fd, _default_mode(directory=False))
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
       f.flush()
