@@ -42,22 +42,36 @@ def atomic_directory(path: str, overwrite: bool = False):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to `path` through a temporary file and an atomic rename."""
+@contextlib.contextmanager
+def atomic_file(path: str, suffix: str = ''):
+  """Yields a temporary file name that becomes `path` when the block succeeds.
+
+  For writers that open the file themselves (tf.io.TFRecordWriter,
+  cv2.VideoWriter); `suffix` keeps an extension that picks the format. The
+  temporary file is in the destination's directory, synced to disk before the
+  rename, and removed if the block fails.
+  """
   final = os.path.abspath(path)
   os.makedirs(os.path.dirname(final), exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(final)}.tmp-',
-                             dir=os.path.dirname(final))
+                             suffix=suffix, dir=os.path.dirname(final))
+  os.close(fd)
   try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
+    yield tmp
+    with open(tmp, 'rb') as f:
       os.fsync(f.fileno())
     os.replace(tmp, final)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
     raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Writes `data` to `path` through a temporary file and an atomic rename."""
+  with atomic_file(path) as tmp:
+    with open(tmp, 'wb') as f:
+      f.write(data)
 
 
 def atomic_write_text(path: str, text: str) -> None:

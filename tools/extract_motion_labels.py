@@ -61,12 +61,21 @@ flags.mark_flags_as_required(['videos', 'output_dir'])
 
 
 def _printer():
+  """Progress on stderr: one refreshed line on a terminal (at most 5 per
+  second), else a line every 10 seconds; always the last one."""
   tty = sys.stderr.isatty()
+  interval = 0.2 if tty else 10.0
+  last = [-interval]
 
   def show(progress):
-    end = '' if tty else '\n'
-    print(('\r' if tty else '') + progress.line(), end=end, file=sys.stderr,
-          flush=True)
+    final = progress.videos_done == progress.videos_total
+    if not final and progress.seconds - last[0] < interval:
+      return
+    last[0] = progress.seconds
+    if tty:
+      print('\r' + progress.line(), end='', file=sys.stderr, flush=True)
+    else:
+      print(progress.line(), file=sys.stderr, flush=True)
 
   return show
 

@@ -33,12 +33,12 @@ exactly the pixels that move independently of the camera in the next frames.
 """
 
 import dataclasses
-import os
 from typing import Optional, Tuple
 
 import cv2
 import numpy as np
 
+from mtssl import io_utils
 from mtssl.data import synthetic
 
 # Classes whose objects move (the independently moving foreground) and
@@ -264,20 +264,14 @@ def write_video(path: str, frames: np.ndarray, fps: float = 25.0,
     raise ValueError(f'frames must be uint8 [T, H, W, 3], got '
                      f'{frames.dtype} {frames.shape}.')
   h, w = frames.shape[1:3]
-  final = os.path.abspath(path)
-  # A temporary name with the same extension (OpenCV picks the container
-  # from it), renamed into place once the video is complete.
-  tmp = os.path.join(os.path.dirname(final),
-                     f'.{os.path.basename(final)}.tmp-{os.getpid()}{ext}')
-  writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*code), fps, (w, h))
-  try:
-    if not writer.isOpened():
-      raise IOError(f'OpenCV cannot write {path!r} with codec {code}.')
-    for frame in frames:
-      writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    writer.release()
-    os.replace(tmp, final)
-  finally:
-    writer.release()
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  # OpenCV picks the container from the extension, which the temporary name
+  # keeps.
+  with io_utils.atomic_file(path, suffix=ext) as tmp:
+    writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*code), fps, (w, h))
+    try:
+      if not writer.isOpened():
+        raise IOError(f'OpenCV cannot write {path!r} with codec {code}.')
+      for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    finally:
+      writer.release()

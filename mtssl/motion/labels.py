@@ -26,8 +26,10 @@ frame t and the `track_length - 1` frames that follow it:
    displacement (robust to the steps where flow is wrong).
 4. Foreground = tracked pixels with a score above `motion_threshold`
    (1 px/frame). "Tracked" = started on texture (minimum eigenvalue of the
-   structure tensor above `texture_threshold`, IDT's criterion for where to
-   sample points) and lasting at least `min_track_steps` steps. Pixels
+   structure tensor above `texture_threshold`: IDT's criterion for where to
+   sample points, with an absolute threshold on the lightly blurred frame
+   instead of IDT's fraction of the frame's maximum, which sensor noise on
+   flat regions passes) and lasting at least `min_track_steps` steps. Pixels
    without a usable track (flat regions: sky, object interiors) take the
    majority vote of the tracked pixels within `fill_sigma`
    (a normalized Gaussian convolution); far from any tracked pixel they are
@@ -61,7 +63,7 @@ empty or nearly empty label.
 
 import collections
 import dataclasses
-from typing import Deque, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Deque, Iterable, Iterator, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -384,15 +386,3 @@ class MotionLabeler:
       if start >= 0 and start % frame_step == 0:
         yield start, window[0][1], self.label(list(pairs))
 
-
-def label_frames(frames: Sequence[np.ndarray],
-                 config: Optional[LabelConfig] = None) -> LabelResult:
-  """Label of frames[0] (uint8 RGB [T >= track_length, H, W, 3])."""
-  return MotionLabeler(config).label_clip(frames)
-
-
-def result_counts(results: Iterable[LabelResult]) -> List[Tuple[str, int]]:
-  """(reason or 'accepted', count) pairs, in REJECTION_REASONS order."""
-  counts = collections.Counter(r.reason or 'accepted' for r in results)
-  order = ('accepted',) + REJECTION_REASONS
-  return [(k, counts[k]) for k in order if counts[k]]

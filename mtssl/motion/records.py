@@ -22,17 +22,16 @@ position-addressed (element k fixed by (seed, k)) and shuffles globally
 without a shuffle buffer.
 """
 
-import contextlib
 import dataclasses
 import glob
 import os
 import struct
-import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 
+from mtssl import io_utils
 from mtssl.data import sources
 
 SHARD_PATTERN = 'shard-{:05d}.tfrecord'
@@ -76,22 +75,10 @@ def serialize_example(frame: bytes, label: np.ndarray, height: int, width: int,
 
 def write_shard(path: str, records: Sequence[bytes]) -> None:
   """Writes serialized records to a TFRecord file, atomically."""
-  final = os.path.abspath(path)
-  os.makedirs(os.path.dirname(final), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(final)}.tmp-',
-                             dir=os.path.dirname(final))
-  os.close(fd)
-  try:
+  with io_utils.atomic_file(path) as tmp:
     with tf.io.TFRecordWriter(tmp) as writer:
       for record in records:
         writer.write(record)
-    with open(tmp, 'rb') as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, final)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
 
 
 def find_shards(spec: str) -> List[str]:

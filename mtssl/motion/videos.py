@@ -167,6 +167,9 @@ def process_video(path: str, key: str, options: ExtractOptions,
   start = time.monotonic()
   result = VideoResult(key)
   labeler = labeler or labels_lib.MotionLabeler(options.label)
+  if labeler.config != options.label:
+    raise ValueError('process_video: the labeler was made with other label '
+                     'settings than the options.')
   decoded = [0]
 
   def counted(frames):
