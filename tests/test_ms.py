@@ -142,6 +142,15 @@ class MsTaskTest(tf.test.TestCase):
     self.assertEqual(labels['mask'].shape, (4, 8, 10, 1))
     self.assertAllInSet(labels['mask'], [0.0, 1.0])
 
+  def test_failed_shard_write_leaves_nothing(self):
+    root = os.path.join(self.get_temp_dir(), 'failed_write')
+    path = os.path.join(root, 'shard-00000.tfrecord')
+    with self.assertRaises(TypeError):
+      records.write_shard(path, [_record(0, 0), 12345])  # not bytes
+    self.assertEqual(os.listdir(root), [])
+    records.write_shard(path, [_record(0, 0)])
+    self.assertEqual(os.listdir(root), ['shard-00000.tfrecord'])
+
   def test_bad_sources_are_named(self):
     task = _small_task()
     missing = os.path.join(self.get_temp_dir(), 'nothing_here')

@@ -139,7 +139,7 @@ def _results_in_order(tasks: Sequence[Tuple[str, str]], options,
           in_flight.append((tasks[position],
                             executor.submit(work, tasks[position])))
           position += 1
-        task, future = in_flight[0]
+        _, future = in_flight[0]
         try:
           result = future.result()
         except BrokenProcessPool:

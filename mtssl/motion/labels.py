@@ -52,7 +52,8 @@ of the consistent flow samples: shake, blur, fast zoom), `too_little_motion`
 (over 50 %: camera motion not compensated).
 
 Pixel thresholds are for 240x320 frames (the paper's frame size) and scale
-with the frame width.
+with the frame width, except the erosion, which follows the flow's patch
+size.
 
 On the built-in synthetic video (mtssl.data.synthetic_video, moving camera)
 the labels reach a foreground IoU of about 0.7 against the exact masks at the
@@ -311,8 +312,7 @@ class MotionLabeler:
     # Median over each track's steps (NaN sorts last).
     ordered = np.sort(speeds, axis=0)
     lo = np.take_along_axis(ordered, np.maximum(length - 1, 0)[None] // 2, 0)[0]
-    hi = np.take_along_axis(ordered, (length // 2)[None], 0)[0] if steps > 1 else lo
-    hi = np.where(length % 2 == 1, lo, hi)
+    hi = np.take_along_axis(ordered, (length // 2)[None], 0)[0]
     score = np.where(length > 0, (lo + hi) / 2, 0.0).astype(np.float32)
 
     tracked = textured & (length >= cfg.min_track_steps)

@@ -124,11 +124,14 @@ class VideoSkipped(Exception):
 
 def iter_frames(path: str) -> Iterator[np.ndarray]:
   """Decoded frames of a video file, uint8 RGB; raises VideoSkipped."""
-  size = os.path.getsize(path)
+  try:
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+      head = f.read(16)
+  except OSError as e:
+    raise VideoSkipped(UNREADABLE, f'cannot read the file: {e}') from None
   if size == 0:
     raise VideoSkipped(EMPTY_FILE, 'the file is empty')
-  with open(path, 'rb') as f:
-    head = f.read(16)
   if _looks_like_still_image(head):
     raise VideoSkipped(STILL_IMAGE, 'the file is a still image')
   capture = cv2.VideoCapture(path)
@@ -163,7 +166,10 @@ def encode_frame(frame_rgb: np.ndarray, options: ExtractOptions) -> bytes:
 def process_video(path: str, key: str, options: ExtractOptions,
                   labeler: Optional[labels_lib.MotionLabeler] = None
                   ) -> VideoResult:
-  """Labels one video: accepted frames become examples; never raises."""
+  """Labels one video: accepted frames become examples.
+
+  Bad input never raises: the result names the reason it was skipped.
+  """
   start = time.monotonic()
   result = VideoResult(key)
   labeler = labeler or labels_lib.MotionLabeler(options.label)
