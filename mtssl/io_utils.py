@@ -42,23 +42,16 @@ def atomic_directory(path: str, overwrite: bool = False):
     shutil.rmtree(old, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def atomic_file(path: str, suffix: str = ''):
-  """Yields a temporary file name that becomes `path` when the block succeeds.
-
-  For writers that open the file themselves (tf.io.TFRecordWriter,
-  cv2.VideoWriter); `suffix` keeps an extension that picks the format. The
-  temporary file is in the destination's directory, synced to disk before the
-  rename, and removed if the block fails.
-  """
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Writes `data` to `path` through a temporary file and an atomic rename."""
   final = os.path.abspath(path)
   os.makedirs(os.path.dirname(final), exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(final)}.tmp-',
-                             suffix=suffix, dir=os.path.dirname(final))
-  os.close(fd)
+                             dir=os.path.dirname(final))
   try:
-    yield tmp
-    with open(tmp, 'rb') as f:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+      f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, final)
   except BaseException:
@@ -67,16 +60,26 @@ def atomic_file(path: str, suffix: str = ''):
     raise
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to `path` through a temporary file and an atomic rename."""
-  with atomic_file(path) as tmp:
-    with open(tmp, 'wb') as f:
-      f.write(data)
-
-
 def atomic_write_text(path: str, text: str) -> None:
   atomic_write_bytes(path, text.encode('utf-8'))
 
 
 def atomic_write_json(path: str, obj) -> None:
   atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + '\n')
+
+
+def atomic_write_with(path: str, write, suffix: str = '') -> None:
+  """Atomically writes `path` with a writer that opens the file itself.
+
+  For tf.io.TFRecordWriter, cv2.VideoWriter and the like: `write(name)`
+  writes a scratch file (its name ends with `suffix`, e.g. the extension a
+  video writer picks its container from) in a private temporary directory;
+  its bytes then go to `path` through `atomic_write_bytes`. If `write`
+  raises, `path` is untouched.
+  """
+  with tempfile.TemporaryDirectory(prefix='mtssl-atomic-') as scratch:
+    name = os.path.join(scratch, 'file' + suffix)
+    write(name)
+    with open(name, 'rb') as f:
+      data = f.read()
+  atomic_write_bytes(path, data)

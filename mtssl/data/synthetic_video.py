@@ -264,10 +264,9 @@ def write_video(path: str, frames: np.ndarray, fps: float = 25.0,
     raise ValueError(f'frames must be uint8 [T, H, W, 3], got '
                      f'{frames.dtype} {frames.shape}.')
   h, w = frames.shape[1:3]
-  # OpenCV picks the container from the extension, which the temporary name
-  # keeps.
-  with io_utils.atomic_file(path, suffix=ext) as tmp:
-    writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*code), fps, (w, h))
+
+  def write(name):
+    writer = cv2.VideoWriter(name, cv2.VideoWriter_fourcc(*code), fps, (w, h))
     try:
       if not writer.isOpened():
         raise IOError(f'OpenCV cannot write {path!r} with codec {code}.')
@@ -275,3 +274,6 @@ def write_video(path: str, frames: np.ndarray, fps: float = 25.0,
         writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     finally:
       writer.release()
+
+  # OpenCV picks the container from the extension: the scratch file keeps it.
+  io_utils.atomic_write_with(path, write, suffix=ext)

@@ -75,10 +75,13 @@ def serialize_example(frame: bytes, label: np.ndarray, height: int, width: int,
 
 def write_shard(path: str, records: Sequence[bytes]) -> None:
   """Writes serialized records to a TFRecord file, atomically."""
-  with io_utils.atomic_file(path) as tmp:
-    with tf.io.TFRecordWriter(tmp) as writer:
+
+  def write(name):
+    with tf.io.TFRecordWriter(name) as writer:
       for record in records:
         writer.write(record)
+
+  io_utils.atomic_write_with(path, write)
 
 
 def find_shards(spec: str) -> List[str]:
