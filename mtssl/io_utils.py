@@ -79,3 +79,20 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def atomic_write_json(path: str, obj) -> None:
   atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + '\n')
+
+
+def atomic_write_with(path: str, write, suffix: str = '') -> None:
+  """Atomically writes `path` with a writer that opens the file itself.
+
+  For tf.io.TFRecordWriter, cv2.VideoWriter and the like: `write(name)`
+  writes a scratch file (its name ends with `suffix`, e.g. the extension a
+  video writer picks its container from) in a private temporary directory;
+  its bytes then go to `path` through `atomic_write_bytes`. If `write`
+  raises, `path` is untouched.
+  """
+  with tempfile.TemporaryDirectory(prefix='mtssl-atomic-') as scratch:
+    name = os.path.join(scratch, 'file' + suffix)
+    write(name)
+    with open(name, 'rb') as f:
+      data = f.read()
+  atomic_write_bytes(path, data)

@@ -193,10 +193,25 @@ def _sky_and_ground(rng, height, width, horizon):
   return image, depth
 
 
+def _object_surface(rng, cls, obj_h, obj_w) -> np.ndarray:
+  """Float RGB [obj_h, obj_w, 3] surface of a class: its hue and pattern, lit
+  from the upper left (the shape's mask is `_shape_mask`)."""
+  _, hue, hue_spread, pattern, _, _ = CLASS_STYLES[cls]
+  color_a = _hsv_to_rgb(hue + rng.normal(0, hue_spread), rng.uniform(150, 240),
+                        rng.uniform(170, 240))
+  color_b = _hsv_to_rgb(hue + rng.normal(0, hue_spread), rng.uniform(100, 220),
+                        rng.uniform(60, 140))
+  pat = _pattern(rng, pattern, obj_h, obj_w, max(obj_w / rng.uniform(3, 6), 3))
+  surface = color_b + (color_a - color_b) * pat[..., None]
+  yy, xx = np.mgrid[0:obj_h, 0:obj_w].astype(np.float32)
+  light = 1.15 - 0.5 * (yy / obj_h + xx / obj_w) / 2
+  return surface * light[..., None]
+
+
 def _draw_object(rng, image, depth, instances, cls, obj_id, bottom_y, center_x,
                  horizon, height, width):
   """Paints one object standing on the ground; returns its box or None."""
-  shape, hue, hue_spread, pattern, aspect, real_h = CLASS_STYLES[cls]
+  shape, _, _, _, aspect, real_h = CLASS_STYLES[cls]
   z = float(np.clip(CAMERA_HEIGHT * height / max(bottom_y - horizon, 0.5),
                     MIN_DEPTH, MAX_DEPTH))
   obj_h = int(round(real_h * rng.uniform(0.85, 1.2) * height / z * OBJECT_SCALE))
@@ -218,18 +233,8 @@ def _draw_object(rng, image, depth, instances, cls, obj_id, bottom_y, center_x,
               (max(sh_w, 1), sh_h), 0, 0, 360, 1, -1)
   shadow = shadow.astype(bool) & (depth > z)
   image[shadow] *= 0.55
-  # Surface: class hue and pattern, lit from the upper left.
-  h_img, w_img = y1c - y0c, x1c - x0c
-  color_a = _hsv_to_rgb(hue + rng.normal(0, hue_spread), rng.uniform(150, 240),
-                        rng.uniform(170, 240))
-  color_b = _hsv_to_rgb(hue + rng.normal(0, hue_spread), rng.uniform(100, 220),
-                        rng.uniform(60, 140))
-  pat = _pattern(rng, pattern, obj_h, obj_w, max(obj_w / rng.uniform(3, 6), 3))
-  pat = pat[y0c - y1:y1c - y1, x0c - x1:x1c - x1][..., None]
-  surface = color_b + (color_a - color_b) * pat
-  yy, xx = np.mgrid[0:h_img, 0:w_img].astype(np.float32)
-  light = 1.15 - 0.5 * ((yy + y0c - y1) / obj_h + (xx + x0c - x1) / obj_w) / 2
-  surface = surface * light[..., None]
+  surface = _object_surface(rng, cls, obj_h, obj_w)
+  surface = surface[y0c - y1:y1c - y1, x0c - x1:x1c - x1]
   region = image[y0c:y1c, x0c:x1c]
   region[mask] = surface[mask]
   depth[y0c:y1c, x0c:x1c][mask] = z

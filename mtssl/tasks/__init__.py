@@ -3,6 +3,7 @@
 from mtssl.tasks.base import (Task, TaskConfig, get_task_class, make_task,
                               register, task_names)
 from mtssl.tasks import col  # pylint: disable=unused-import  # registers 'col'
+from mtssl.tasks import ms  # pylint: disable=unused-import  # registers 'ms'
 
 __all__ = ['Task', 'TaskConfig', 'get_task_class', 'make_task', 'register',
            'task_names']

@@ -1,0 +1,168 @@
+"""Sources of (frame, motion label) pairs for the motion-segmentation task.
+
+Like the image sources of mtssl.data.sources, a motion source is a
+position-addressed endless stream: element k is fixed by (seed, k), and a
+pipeline resumes at any position k. `examples(seed, start)` yields
+(index int64, frame uint8 [H, W, 3] RGB, label uint8 [H/8, W/8]).
+
+Specifications:
+  synthetic                 clips of mtssl.data.synthetic_video: element k is
+                            frame 0 of clip (seed, k) with its exact mask of
+                            independently moving pixels, downsampled like the
+                            extracted labels (a cell is 1 when at least half
+                            of its pixels move)
+  tfrecord:/dir/or/glob     shards made by tools/extract_motion_labels.py
+                            (a directory's *.tfrecord files, or a glob);
+                            every epoch visits every record once, in an order
+                            shuffled by (seed, epoch)
+
+Bad records (unparsable, undecodable frame, malformed label) are skipped and
+counted in the source's counter; a truncated shard (not one this project
+wrote: shards are written atomically) is read up to its last complete record
+and counted as `ms_truncated_shard`. No shards, or shards without records,
+is a DataSourceError naming the path.
+"""
+
+import abc
+from typing import Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from mtssl.data import sources
+from mtssl.data import synthetic_video
+from mtssl.motion import labels as labels_lib
+from mtssl.motion import records
+
+TRUNCATED_SHARD = 'ms_truncated_shard'
+
+
+class MotionSource(abc.ABC):
+  """A deterministic, position-addressed stream of (frame, motion label)."""
+
+  def __init__(self, name: str):
+    self.name = name
+    self.counter = sources.SkipCounter(name)
+
+  @abc.abstractmethod
+  def validate(self) -> None:
+    """Raises DataSourceError if the source cannot supply examples."""
+
+  @abc.abstractmethod
+  def examples(self, seed: int, start: int = 0) -> tf.data.Dataset:
+    """Endless (index, uint8 frame [H, W, 3], uint8 label [h, w]) from `start`."""
+
+  def __repr__(self):
+    return f'{type(self).__name__}({self.name!r})'
+
+
+class SyntheticMotionSource(MotionSource):
+  """Synthetic video frames with exact motion labels (no download)."""
+
+  def __init__(self, height: int = 240, width: int = 320,
+               label_stride: int = 8):
+    super().__init__(f'synthetic_video({height}x{width})')
+    self.height, self.width, self.label_stride = height, width, label_stride
+
+  def validate(self):
+    if min(self.height, self.width) < 16:
+      raise sources.DataSourceError(
+          f'synthetic video frames must be at least 16x16, got '
+          f'{self.height}x{self.width}.')
+    if self.height % self.label_stride or self.width % self.label_stride:
+      raise sources.DataSourceError(
+          f'synthetic video frames {self.height}x{self.width} are not a '
+          f'multiple of the label stride {self.label_stride}.')
+
+  def examples(self, seed, start=0):
+    self.validate()
+    h, w, stride = self.height, self.width, self.label_stride
+
+    def _render(index):
+      frame, mask = synthetic_video.render_frame(seed, int(index), 0, h, w)
+      return frame, labels_lib.downsample_mask(mask, stride)
+
+    def _map(index):
+      frame, label = tf.numpy_function(_render, [index], [tf.uint8, tf.uint8],
+                                       stateful=False)
+      frame.set_shape([h, w, 3])
+      label.set_shape([h // stride, w // stride])
+      return index, frame, label
+
+    return tf.data.Dataset.range(start, np.iinfo(np.int64).max).map(
+        _map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+class MotionRecordSource(MotionSource):
+  """Extracted motion labels in TFRecord shards, read by record index."""
+
+  def __init__(self, path: str):
+    super().__init__(f'tfrecord:{path}')
+    self.path = path
+    self._index: Optional[records.RecordIndex] = None
+
+  @property
+  def index(self) -> records.RecordIndex:
+    if self._index is None:
+      files = records.find_shards(self.path)
+      if not files:
+        raise sources.DataSourceError(
+            f'No TFRecord shards at {self.path!r} (a directory of *.tfrecord '
+            f'files or a glob). Make them from a folder of videos with '
+            f'tools/extract_motion_labels.py.')
+      index = records.index_records(files)
+      for _ in index.truncated:
+        self.counter.add(TRUNCATED_SHARD)
+      self._index = index
+    return self._index
+
+  def validate(self):
+    if not len(self.index):  # pylint: disable=g-explicit-length-test
+      raise sources.DataSourceError(
+          f'The shards at {self.path!r} ({len(self.index.files)} files) hold '
+          f'no complete record.')
+
+  def examples(self, seed, start=0):
+    self.validate()
+    index = self.index
+    files = list(index.files)
+    file_ids = tf.constant(index.file_ids)
+    offsets = tf.constant(index.offsets)
+    n = len(index)
+    counter = self.counter
+
+    def _read(fid, offset):
+      frame, label, status = records.read_example(files[int(fid)], int(offset))
+      counter.add(status)
+      if frame is None:
+        return np.zeros((1, 1, 3), np.uint8), np.zeros((1, 1), np.uint8), False
+      return frame, label, True
+
+    def _map(k):
+      i = sources._epoch_permutation_index(k, n, seed)  # pylint: disable=protected-access
+      frame, label, ok = tf.numpy_function(
+          _read, [file_ids[i], offsets[i]], [tf.uint8, tf.uint8, tf.bool],
+          stateful=True)
+      frame.set_shape([None, None, 3])
+      label.set_shape([None, None])
+      ok.set_shape([])
+      return k, frame, label, ok
+
+    ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max).map(
+        _map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.filter(lambda k, frame, label, ok: ok)
+    return ds.map(lambda k, frame, label, ok: (k, frame, label))
+
+
+def make_motion_source(spec: str, frame_size: Tuple[int, int] = (240, 320),
+                       label_stride: int = 8) -> MotionSource:
+  """Parses a motion source specification (see the module docstring)."""
+  if not spec or spec == 'synthetic':
+    return SyntheticMotionSource(frame_size[0], frame_size[1], label_stride)
+  kind, _, rest = spec.partition(':')
+  if kind == 'tfrecord' and rest:
+    return MotionRecordSource(rest)
+  raise sources.DataSourceError(
+      f'Unknown motion source {spec!r}: use "synthetic" or '
+      f'"tfrecord:/dir/or/glob" (shards made from a folder of videos by '
+      f'tools/extract_motion_labels.py).')

@@ -1,0 +1,1 @@
+"""Motion-segmentation labels from video (label extraction for the ms task)."""

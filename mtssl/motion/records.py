@@ -1,0 +1,176 @@
+"""The motion-label TFRecord format: writing shards, indexing and reading them.
+
+One `tf.train.Example` per labelled frame:
+
+  frame         bytes   JPEG (default) or PNG of the RGB frame, height x width
+  label         bytes   uint8 [label_height, label_width] row-major, 1 = will
+                        move independently of the camera, 0 = does not
+  height        int64   frame height (240 for the paper's frames)
+  width         int64   frame width (320)
+  label_height  int64   height / 8 (30)
+  label_width   int64   width / 8 (40)
+  video         bytes   the video's path relative to the extraction input
+  frame_index   int64   0-based index of the frame in the decoded video
+  foreground    float   fraction of label cells that are 1
+
+Shards are standard TFRecord files (`tf.data.TFRecordDataset` reads them).
+They are written under a temporary name and renamed into place, so a shard
+that exists is complete. For training, `index_records` lists the byte offset
+of every record (reading only the 12-byte record headers), so that
+`read_example` can fetch record k directly: the ms task's input pipeline is
+position-addressed (element k fixed by (seed, k)) and shuffles globally
+without a shuffle buffer.
+"""
+
+import dataclasses
+import glob
+import os
+import struct
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from mtssl import io_utils
+from mtssl.data import sources
+
+SHARD_PATTERN = 'shard-{:05d}.tfrecord'
+SHARD_GLOB = 'shard-*.tfrecord'
+
+# Skip reasons counted when reading.
+BAD_RECORD = 'ms_skipped_bad_record'
+BAD_FRAME = 'ms_skipped_bad_frame'
+BAD_LABEL = 'ms_skipped_bad_label'
+
+
+def _bytes(value: bytes):
+  return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _int(value: int):
+  return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+
+def serialize_example(frame: bytes, label: np.ndarray, height: int, width: int,
+                      video: str, frame_index: int, foreground: float) -> bytes:
+  """A serialized tf.train.Example of the schema above."""
+  label = np.asarray(label, np.uint8)
+  if label.ndim != 2:
+    raise ValueError(f'label must be 2-D, got shape {label.shape}.')
+  feature = {
+      'frame': _bytes(frame),
+      'label': _bytes(label.tobytes()),
+      'height': _int(height),
+      'width': _int(width),
+      'label_height': _int(label.shape[0]),
+      'label_width': _int(label.shape[1]),
+      'video': _bytes(video.encode('utf-8')),
+      'frame_index': _int(frame_index),
+      'foreground': tf.train.Feature(
+          float_list=tf.train.FloatList(value=[float(foreground)])),
+  }
+  return tf.train.Example(
+      features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_shard(path: str, records: Sequence[bytes]) -> None:
+  """Writes serialized records to a TFRecord file, atomically."""
+
+  def write(name):
+    with tf.io.TFRecordWriter(name) as writer:
+      for record in records:
+        writer.write(record)
+
+  io_utils.atomic_write_with(path, write)
+
+
+def find_shards(spec: str) -> List[str]:
+  """Shard files of a directory (its *.tfrecord files) or a glob pattern."""
+  path = os.path.expanduser(spec)
+  if os.path.isdir(path):
+    files = glob.glob(os.path.join(path, '*.tfrecord'))
+  else:
+    files = glob.glob(path)
+  return sorted(f for f in files if os.path.isfile(f)
+                and not os.path.basename(f).startswith('.'))
+
+
+@dataclasses.dataclass
+class RecordIndex:
+  files: List[str]
+  file_ids: np.ndarray     # int32 [N]
+  offsets: np.ndarray      # int64 [N] byte offset of each record's header
+  truncated: Dict[str, int]  # file -> bytes after its last complete record
+
+  def __len__(self):
+    return int(self.offsets.shape[0])
+
+
+def index_records(files: Sequence[str]) -> RecordIndex:
+  """Offsets of every complete record in TFRecord files (headers only)."""
+  file_ids, offsets, truncated = [], [], {}
+  for fid, path in enumerate(files):
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+      offset = 0
+      while offset + 12 <= size:
+        f.seek(offset)
+        (length,) = struct.unpack('<Q', f.read(8))
+        end = offset + 12 + length + 4
+        if end > size:
+          break
+        file_ids.append(fid)
+        offsets.append(offset)
+        offset = end
+      if offset != size:
+        truncated[path] = size - offset
+  return RecordIndex(list(files), np.asarray(file_ids, np.int32),
+                     np.asarray(offsets, np.int64), truncated)
+
+
+def read_record(path: str, offset: int) -> bytes:
+  with open(path, 'rb') as f:
+    f.seek(offset)
+    (length,) = struct.unpack('<Q', f.read(8))
+    f.seek(offset + 12)
+    return f.read(length)
+
+
+def parse_example(data: bytes) -> Dict[str, object]:
+  """The fields of a serialized example (frame left encoded)."""
+  feature = tf.train.Example.FromString(data).features.feature
+
+  def one(name, kind):
+    values = getattr(feature[name], kind).value
+    if len(values) != 1:
+      raise ValueError(f'feature {name!r} has {len(values)} values')
+    return values[0]
+
+  return {
+      'frame': one('frame', 'bytes_list'),
+      'label': one('label', 'bytes_list'),
+      'label_height': int(one('label_height', 'int64_list')),
+      'label_width': int(one('label_width', 'int64_list')),
+      'video': one('video', 'bytes_list').decode('utf-8', 'replace'),
+      'frame_index': int(one('frame_index', 'int64_list')),
+  }
+
+
+def read_example(path: str, offset: int
+                 ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], str]:
+  """(uint8 RGB frame, uint8 label, status) of the record at `offset`.
+
+  On a bad record the arrays are None and the status is a skip reason.
+  """
+  try:
+    fields = parse_example(read_record(path, offset))
+  except Exception:  # pylint: disable=broad-except
+    return None, None, BAD_RECORD
+  frame, status = sources.decode_image_bytes(fields['frame'])
+  if frame is None:
+    return None, None, BAD_FRAME
+  h, w = fields['label_height'], fields['label_width']
+  label = np.frombuffer(fields['label'], np.uint8)
+  if h <= 0 or w <= 0 or label.size != h * w or label.max(initial=0) > 1:
+    return None, None, BAD_LABEL
+  return frame, label.reshape(h, w), sources.STATUS_NAMES[status]

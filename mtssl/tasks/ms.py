@@ -1,0 +1,220 @@
+"""Motion segmentation (Pathak et al. 2017) as the paper reimplemented it.
+
+Given one video frame, predict which pixels will move independently of the
+camera in the following frames. Paper sections 2 and 3.4, SPEC section 3.
+
+Inputs (`make_source`): `synthetic` (the built-in synthetic video, frame 0 of
+clip (seed, k) with its exact motion mask) or `tfrecord:/dir/or/glob` (labels
+extracted from any folder of videos by tools/extract_motion_labels.py, see
+mtssl/motion/labels.py); mtssl.data.motion_sources. The pipeline is
+position-addressed: example k is fixed by (seed, k) and `start` is a stream
+position. Frames are resized to `frame_height` x `frame_width` (paper:
+240x320, aspect ratio not kept, "we reshape all images to 240x320"; a no-op
+for extracted shards, which are stored at that size) and go through
+`vgg_preprocess`. The label is the motion mask at the trunk's output stride,
+frame / 8 (30x40); a label of another size is resampled by area and
+thresholded at 1/2. No augmentation: the paper names none.
+
+Head (paper 3.4): conv 1x1, 4096 -> conv 1x1, 4096 -> conv 1x1, 1 logit, on
+the 30x40x1024 block-3 map. The hidden convolutions follow the Slim arg
+scope the trunk uses (no bias, batch norm with decay 0.997 and epsilon 1e-5,
+ReLU, He init, weight decay 1e-4), as the colorization head does;
+`head_batch_norm=False` gives plain conv + bias + ReLU. The logit layer has a
+bias, no normalization, and runs in float32 under mixed precision. 21.0 M
+variables (20.99 M trainable) on the 1024-channel trunk; 25.2 G
+multiply-accumulates per 240x320 frame.
+
+Loss: per-pixel sigmoid cross-entropy with the label, averaged over pixels and
+batch ("a per-pixel cross-entropy with the label image"; no class weighting).
+
+Metrics: `loss`, `accuracy` (per-pixel, logit > 0 against the label) and
+`foreground_iou` (intersection over union of predicted and labelled moving
+pixels, accumulated as counts over all updates).
+"""
+
+import dataclasses
+from typing import Dict, Sequence, Tuple
+
+import tensorflow as tf
+import tf_keras
+
+from mtssl import preprocessing
+from mtssl.backbones import resnet_v2
+from mtssl.data import motion_sources
+from mtssl.data import sources
+from mtssl.tasks import base
+
+
+@dataclasses.dataclass
+class MsConfig(base.TaskConfig):
+  """Motion-segmentation settings; defaults are the paper's."""
+  frame_height: int = 240
+  frame_width: int = 320
+  # The trunk's output stride: the label is frame / label_stride.
+  label_stride: int = 8
+  head_widths: Tuple[int, ...] = (4096, 4096)
+  head_batch_norm: bool = True
+
+  def validate(self):
+    super().validate()
+    if self.frame_height % self.label_stride or (
+        self.frame_width % self.label_stride):
+      raise ValueError(
+          f'ms: frame size {self.frame_height}x{self.frame_width} must be a '
+          f'multiple of label_stride {self.label_stride}.')
+    if min(self.frame_height, self.frame_width) < 16:
+      raise ValueError(f'ms: frames must be at least 16x16, got '
+                       f'{self.frame_height}x{self.frame_width}.')
+    if not self.head_widths or any(int(w) <= 0 for w in self.head_widths):
+      raise ValueError(f'ms: head_widths must be positive, got '
+                       f'{self.head_widths}.')
+
+  @property
+  def label_size(self) -> Tuple[int, int]:
+    return (self.frame_height // self.label_stride,
+            self.frame_width // self.label_stride)
+
+
+class MotionSegmentationHead(tf_keras.Model):
+  """conv 1x1 (x len(widths)) -> conv 1x1, 1 logit; all stride 1."""
+
+  def __init__(self, widths: Sequence[int] = (4096, 4096),
+               batch_norm: bool = True,
+               weight_decay: float = resnet_v2.WEIGHT_DECAY, **kwargs):
+    kwargs.setdefault('name', 'ms_head')
+    super().__init__(**kwargs)
+    self.widths = tuple(int(w) for w in widths)
+    self.hidden = [
+        resnet_v2.SlimConv2D(width, 1, 1, batch_norm=batch_norm,
+                             activation=True, weight_decay=weight_decay,
+                             name=f'conv{i + 1}')
+        for i, width in enumerate(self.widths)
+    ]
+    self.logits = tf_keras.layers.Conv2D(
+        1, 1, padding='valid', use_bias=True,
+        kernel_initializer=resnet_v2.SlimVarianceScaling(),
+        kernel_regularizer=(resnet_v2.slim_l2(weight_decay)
+                            if weight_decay else None),
+        dtype='float32', name='logits')
+
+  def call(self, inputs, training=None):
+    net = inputs
+    for layer in self.hidden:
+      net = layer(net, training=training)
+    return self.logits(tf.cast(net, tf.float32))
+
+
+def _label_to_size(label, size):
+  """uint8 [h, w] label -> float32 [H, W, 1] (area resampling, >= 1/2)."""
+  label = tf.cast(label, tf.float32)[..., None]
+  same = tf.reduce_all(tf.equal(tf.shape(label)[:2], tf.constant(size)))
+  resized = tf.cond(
+      same, lambda: label,
+      lambda: tf.cast(tf.image.resize(label, size, method='area') >= 0.5,
+                      tf.float32))
+  resized.set_shape([size[0], size[1], 1])
+  return resized
+
+
+def _frame_to_size(frame, size):
+  """uint8 [h, w, 3] -> float32 [H, W, 3] in [0, 255] (bilinear, antialiased)."""
+  frame = tf.cast(frame, tf.float32)
+  same = tf.reduce_all(tf.equal(tf.shape(frame)[:2], tf.constant(size)))
+  resized = tf.cond(
+      same, lambda: frame,
+      lambda: tf.clip_by_value(
+          tf.image.resize(frame, size, antialias=True), 0.0, 255.0))
+  resized.set_shape([size[0], size[1], 3])
+  return resized
+
+
+@base.register
+class MotionSegmentationTask(base.Task):
+  """Motion segmentation: a frame in, a moving / not-moving logit per 8x8 cell."""
+
+  name = 'ms'
+  config_class = MsConfig
+  # The paper gives one epoch of its video set as ~400 K40 GPU-hours but
+  # neither the set's size nor the batch size, so no per-step cost is claimed
+  # here (the trainer measures it).
+  paper_step_cost_gpu_hours = None
+
+  # Inputs ------------------------------------------------------------------
+  def make_source(self, spec: str, tfds_data_dir=None):
+    del tfds_data_dir  # videos do not come from TFDS
+    cfg = self.config
+    return motion_sources.make_motion_source(
+        spec, (cfg.frame_height, cfg.frame_width), cfg.label_stride)
+
+  def make_dataset(self, source, batch_size, seed, start=0):
+    if not isinstance(source, motion_sources.MotionSource):
+      raise sources.DataSourceError(
+          f'ms needs a motion source (frames with motion labels), got '
+          f'{source!r}; make it with MotionSegmentationTask.make_source.')
+    cfg = self.config
+    frame_size = (cfg.frame_height, cfg.frame_width)
+    label_size = cfg.label_size
+
+    def _example(index, frame, label):
+      image = _frame_to_size(frame, frame_size)
+      features = {'index': index,
+                  'image': preprocessing.vgg_preprocess(image)}
+      return features, {'mask': _label_to_size(label, label_size)}
+
+    ds = source.examples(seed, start).map(
+        _example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(
+        tf.data.AUTOTUNE)
+
+  # Model -------------------------------------------------------------------
+  def trunk_images(self, features):
+    return features['image']
+
+  def build_head(self):
+    return MotionSegmentationHead(self.config.head_widths,
+                                  batch_norm=self.config.head_batch_norm)
+
+  def loss(self, labels, outputs):
+    mask = labels['mask']
+    if (outputs.shape.rank == 4 and mask.shape.rank == 4 and
+        outputs.shape[1:3].is_fully_defined() and
+        mask.shape[1:3].is_fully_defined() and
+        outputs.shape[1:3] != mask.shape[1:3]):
+      raise ValueError(
+          f'ms: head output {outputs.shape} and label {mask.shape} differ in '
+          f'size; the trunk must run at output stride '
+          f'{self.config.label_stride}.')
+    cross_entropy = tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=tf.cast(mask, tf.float32), logits=tf.cast(outputs, tf.float32))
+    return tf.reduce_mean(cross_entropy)
+
+  # Metrics and summaries ---------------------------------------------------
+  def build_metrics(self) -> Dict[str, tf_keras.metrics.Metric]:
+    return {
+        'loss': tf_keras.metrics.Mean('loss'),
+        'accuracy': tf_keras.metrics.BinaryAccuracy('accuracy', threshold=0.0),
+        'foreground_iou': tf_keras.metrics.BinaryIoU(
+            target_class_ids=[1], threshold=0.0, name='foreground_iou'),
+    }
+
+  def update_metrics(self, metrics, labels, outputs):
+    mask = tf.cast(labels['mask'], tf.float32)
+    logits = tf.cast(outputs, tf.float32)
+    metrics['loss'].update_state(self.loss(labels, outputs))
+    metrics['accuracy'].update_state(mask, logits)
+    metrics['foreground_iou'].update_state(mask, logits)
+
+  def image_summaries(self, features, labels, outputs):
+    """frame | predicted probability | label, side by side, [N, H, 3W, 3]."""
+    frame = tf.clip_by_value(
+        preprocessing.vgg_unpreprocess(features['image']) / 255.0, 0.0, 1.0)
+    size = tf.shape(frame)[1:3]
+
+    def show(mask):
+      mask = tf.image.resize(tf.cast(mask, tf.float32), size,
+                             method='nearest')
+      return tf.tile(mask, [1, 1, 1, 3])
+
+    predicted = show(tf.sigmoid(tf.cast(outputs, tf.float32)))
+    return {'ms/frame_prediction_label': tf.concat(
+        [frame, predicted, show(labels['mask'])], axis=2)}
