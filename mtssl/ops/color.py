@@ -63,3 +63,16 @@ def lab_to_rgb(lab):
 def rgb_to_lightness(rgb):
   """sRGB in [0, 1] -> the L channel (..., 1) in [0, 100]."""
   return rgb_to_lab(rgb)[..., :1]
+
+
+def lightness_as_rgb(rgb):
+  """sRGB in [0, 255] (..., 3) -> its Lab lightness as a grey RGB image.
+
+  L in [0, 100] is scaled to [0, 255] (L * 255 / 100) and replicated into the
+  three channels, float32 (..., 3) in [0, 255]: the trunk's input convention
+  (`mtssl.preprocessing.vgg_preprocess` expects RGB in [0, 255]), so a
+  grayscale input looks to the trunk like a colour image whose channels are
+  equal. Colorization's input and harmonized relative position use it.
+  """
+  lightness = rgb_to_lightness(tf.cast(rgb, tf.float32) / 255.0)
+  return tf.concat([lightness * (255.0 / 100.0)] * 3, axis=-1)
