@@ -101,3 +101,12 @@ def bottleneck_params(depth_in, depth, bottleneck, middle_kernel):
   trainable += bottleneck * depth + depth                      # conv3
   moving += 4 * bottleneck
   return trainable, trainable + moving
+
+
+def paper_trunk_features(task, patches_per_example):
+  """Block-3 features of the paper's trunk for one example of random
+  96x96 trunk inputs, through the task's trunk_images."""
+  trunk = resnet_v2.paper_trunk(output_stride=8)
+  features = {'patches': tf.random.uniform(
+      [1, patches_per_example, 96, 96, 3], -100, 100, seed=1)}
+  return trunk(task.trunk_images(features))[trunk.output_name]

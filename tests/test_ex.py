@@ -6,7 +6,6 @@ import numpy as np
 import tensorflow as tf
 
 from mtssl import preprocessing
-from mtssl.backbones import resnet_v2
 from mtssl.data import sources
 from mtssl.tasks import base
 from mtssl.tasks import ex
@@ -198,11 +197,8 @@ class PipelineTest(tf.test.TestCase):
 class HeadTest(tf.test.TestCase):
 
   def test_paper_head_on_real_trunk(self):
-    trunk = resnet_v2.paper_trunk(output_stride=8)
     task = ex.ExemplarTask(ex.ExConfig())
-    features = {'patches': tf.random.uniform([1, 3, 96, 96, 3], -100, 100,
-                                             seed=1)}
-    trunk_out = trunk(task.trunk_images(features))[trunk.output_name]
+    trunk_out = task_checks.paper_trunk_features(task, 3)
     self.assertEqual(trunk_out.shape, (3, 12, 12, 1024))
     head = task.build_head()
     embeddings = head(trunk_out, training=False)

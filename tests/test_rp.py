@@ -6,7 +6,6 @@ from absl.testing import parameterized
 from skimage import color as skcolor
 
 from mtssl import preprocessing
-from mtssl.backbones import resnet_v2
 from mtssl.data import sources
 from mtssl.ops import color
 from mtssl.tasks import base
@@ -247,11 +246,8 @@ class PipelineTest(tf.test.TestCase):
 class HeadTest(tf.test.TestCase):
 
   def test_paper_head_on_real_trunk(self):
-    trunk = resnet_v2.paper_trunk(output_stride=8)
     task = rp.RelativePositionTask(rp.RPConfig())
-    features = {'patches': tf.random.uniform([1, 2, 96, 96, 3], -100, 100,
-                                             seed=1)}
-    trunk_out = trunk(task.trunk_images(features))[trunk.output_name]
+    trunk_out = task_checks.paper_trunk_features(task, 2)
     self.assertEqual(trunk_out.shape, (2, 12, 12, 1024))
     head = task.build_head()
     logits = head(trunk_out, training=False)

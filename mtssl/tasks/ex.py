@@ -265,8 +265,7 @@ class ExemplarTask(base.Task):
     return ds.map(self.arrange_triplets).prefetch(tf.data.AUTOTUNE)
 
   def trunk_images(self, features):
-    images = features['patches']
-    return tf.reshape(images, tf.concat([[-1], tf.shape(images)[2:]], 0))
+    return patches.flatten_groups(features['patches'])
 
   def build_head(self):
     cfg = self.config

@@ -47,6 +47,12 @@ def crop(image, top, left, size: int) -> tf.Tensor:
                   tf.stack([size, size, tf.shape(image)[-1]]))
 
 
+def flatten_groups(images) -> tf.Tensor:
+  """[B, n, h, w, c] groups of patches -> [n * B, h, w, c], example-major
+  (example 0's patches first), the order the heads regroup them in."""
+  return tf.reshape(images, tf.concat([[-1], tf.shape(images)[2:]], 0))
+
+
 def for_display(trunk_images) -> tf.Tensor:
   """Trunk inputs (VGG convention) -> float RGB in [0, 1] for summaries."""
   return tf.clip_by_value(preprocessing.vgg_unpreprocess(trunk_images) / 255.0,
