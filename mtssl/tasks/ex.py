@@ -1,0 +1,310 @@
+"""Exemplar (Dosovitskiy et al. 2014) in the paper's triplet form (section 2).
+
+A pseudo-class is one image and its augmentations. The network embeds 96x96
+patches; for a triplet (x1, x2 from one image, x3 from another) the loss is
+
+    max(D(f(x1), f(x2)) - D(f(x1), f(x3)) + M, 0),   D = 1 - cos,  M = 0.5,
+
+computed per triplet and averaged over the batch (the embeddings are not
+normalized across the batch; D itself is scale-invariant).
+
+Sampling of one example (image at stream position k):
+
+1. The image is resized to 256x256 (bilinear, antialiased; the aspect ratio is
+   not kept, as in the paper: "we resize our images to 256x256").
+2. A seed patch centre is drawn uniformly so that an unaugmented 96x96 patch
+   lies inside the image.
+3. x1 and x2 are two independent augmentations of the seed patch: each is a
+   96x96 view sampled through one affine warp
+   (`tf.raw_ops.ImageProjectiveTransformV3`, bilinear, reflecting at the
+   border) made of
+     * translation of the centre by up to 0.2 x 96 px per axis (uniform),
+     * scaling of the patch by a factor in [0.7, 1.4] (log-uniform),
+     * rotation by up to +-20 degrees (uniform),
+   the ranges of Dosovitskiy et al., followed by their colour shifts, done with
+   tf.image ops on RGB in [0, 1]:
+     * "contrast 1": the projection of every pixel (relative to the patch's
+       mean colour) on each principal component of ImageNet's pixel colours
+       (the fixed eigenvectors of Krizhevsky et al.) is multiplied by a factor
+       in [0.5, 2] (log-uniform, one per component),
+     * "contrast 2": saturation and value (HSV) are raised to a power in
+       [0.25, 4] (log-uniform), multiplied by a factor in [0.7, 1.4]
+       (log-uniform) and shifted by up to +-0.1 (uniform), independently for
+       S and V, then clipped to [0, 1],
+     * "color": hue is shifted by up to +-0.1 of the hue circle (uniform).
+   Log-uniform draws make a factor and its inverse equally likely.
+4. A third view, augmented the same way, is taken around a second,
+   independently drawn centre of the same image: the negative candidate.
+
+Triplets are arranged inside the batch: the negative x3 of example i is the
+negative candidate of example (i + 1) mod B, i.e. a patch from the image at
+another stream position (`labels['negative_index']` records which). A batch
+therefore needs at least two examples.
+
+Every random draw is stateless, from (seed, k) and the draw's number; the
+arrangement is a fixed roll within the batch, so batches are a function of
+(seed, start, batch size).
+
+Model: the three patches of every example go through the trunk as one batch
+(`trunk_images` -> [3B, 96, 96, 3], example-major: x1, x2, candidate) and the
+head (`heads.PatchEmbeddingHead`: two strided residual units, 3x3x512,
+flattened) returns [B, 3, 4608]. Metrics: triplet accuracy
+(D(f1, f2) < D(f1, f3)) and loss.
+"""
+
+import dataclasses
+import math
+from typing import Tuple
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from mtssl import preprocessing
+from mtssl.tasks import base
+from mtssl.tasks import heads
+from mtssl.tasks import patches
+
+MARGIN = 0.5
+# Principal components of ImageNet pixel colours (RGB in [0, 1]), one per
+# column, from Krizhevsky et al. 2012 as published with fb.resnet.torch.
+IMAGENET_PCA_EIGENVECTORS = ((-0.5675, 0.7192, 0.4009),
+                             (-0.5808, -0.0045, -0.8140),
+                             (-0.5836, -0.6948, 0.4203))
+_PCA_INVERSE = np.linalg.inv(np.array(IMAGENET_PCA_EIGENVECTORS))
+_SALT = 0x4558  # 'EX': this task's random stream.
+_VIEWS = 3  # x1, x2, negative candidate.
+# Draw numbers of an example's random choices.
+_SEED_CENTRE, _CANDIDATE_CENTRE = 0, 1
+_VIEW_SEEDS = 10  # View v's seed is draw _VIEW_SEEDS + v.
+(_TRANSLATION, _SCALE, _ROTATION, _PCA, _S_POWER, _S_SCALE, _S_SHIFT,
+ _V_POWER, _V_SCALE, _V_SHIFT, _HUE) = range(11)
+
+
+@dataclasses.dataclass
+class ExConfig(base.TaskConfig):
+  """Exemplar settings; defaults are the paper's / Dosovitskiy et al.'s."""
+  image_size: int = 256
+  patch_size: int = 96
+  max_translation: float = 0.2       # fraction of the patch size, per axis
+  scale_range: Tuple[float, float] = (0.7, 1.4)
+  max_rotation_degrees: float = 20.0
+  pca_factor_range: Tuple[float, float] = (0.5, 2.0)
+  sv_power_range: Tuple[float, float] = (0.25, 4.0)
+  sv_factor_range: Tuple[float, float] = (0.7, 1.4)
+  max_sv_shift: float = 0.1
+  max_hue_shift: float = 0.1
+  margin: float = MARGIN
+  unit_depths: Tuple[int, ...] = heads.PAPER_UNIT_DEPTHS
+  unit_bottleneck: int = heads.PAPER_UNIT_BOTTLENECK
+  weight_decay: float = 1e-4
+
+  def validate(self):
+    super().validate()
+    if self.batch_size < 2:
+      raise ValueError(f'ex batch_size must be at least 2 (the negative of a '
+                       f'triplet comes from another example of the batch), '
+                       f'got {self.batch_size}.')
+    if not 0 < self.patch_size <= self.image_size:
+      raise ValueError(f'ex needs 0 < patch_size <= image_size, got '
+                       f'{self.patch_size}, {self.image_size}.')
+    for name in ('scale_range', 'pca_factor_range', 'sv_power_range',
+                 'sv_factor_range'):
+      low, high = getattr(self, name)
+      if not 0 < low <= high:
+        raise ValueError(f'ex {name} must be 0 < low <= high, got '
+                         f'{(low, high)}.')
+    for name in ('max_translation', 'max_rotation_degrees', 'max_sv_shift',
+                 'max_hue_shift', 'margin'):
+      if getattr(self, name) < 0:
+        raise ValueError(f'ex {name} must be >= 0, got {getattr(self, name)}.')
+    if not self.unit_depths or min(self.unit_depths) <= 0:
+      raise ValueError(f'ex unit_depths must be positive, got '
+                       f'{self.unit_depths}.')
+
+
+def view_transform(centre, translation, scale, angle, patch_size):
+  """ImageProjectiveTransformV3 parameters of one view, float32 [8].
+
+  The view's pixel (x, y) samples the image at
+  centre + translation + scale * R(angle) @ ((x, y) - (p - 1) / 2),
+  with (x, y) pixel-centre coordinates; `centre` and `translation` are (y, x).
+  """
+  scale = tf.cast(scale, tf.float32)
+  angle = tf.cast(angle, tf.float32)
+  half = (patch_size - 1) / 2.0
+  cos, sin = scale * tf.cos(angle), scale * tf.sin(angle)
+  target = tf.cast(centre, tf.float32) + tf.cast(translation, tf.float32)
+  ty, tx = target[0], target[1]
+  return tf.stack([cos, -sin, tx - cos * half + sin * half,
+                   sin, cos, ty - sin * half - cos * half,
+                   0.0, 0.0])
+
+
+def extract_views(image, transforms, patch_size):
+  """Views [N, p, p, C] of one float image [H, W, C] under N transforms."""
+  n = tf.shape(transforms)[0]
+  images = tf.tile(image[tf.newaxis], tf.stack([n, 1, 1, 1]))
+  return tf.raw_ops.ImageProjectiveTransformV3(
+      images=images, transforms=transforms,
+      output_shape=tf.constant([patch_size, patch_size], tf.int32),
+      fill_value=tf.constant(0.0), interpolation='BILINEAR',
+      fill_mode='REFLECT')
+
+
+def color_shift(patch, seed, config: ExConfig):
+  """Dosovitskiy et al.'s colour augmentations of an RGB patch in [0, 1]."""
+  draw = lambda d: patches.draw_seed(seed, d)
+  factors = patches.log_uniform(draw(_PCA), *config.pca_factor_range, shape=[3])
+  mean = tf.reduce_mean(patch, axis=[0, 1], keepdims=True)
+  # Coordinates in the eigenbasis, scaled, mapped back. (The published
+  # vectors are rounded, so the inverse rather than the transpose makes
+  # factors of 1 an exact identity.)
+  coordinates = tf.einsum('hwc,kc->hwk', patch - mean,
+                          tf.constant(_PCA_INVERSE, tf.float32)) * factors
+  patch = tf.clip_by_value(
+      mean + tf.einsum('hwk,ck->hwc', coordinates,
+                       tf.constant(IMAGENET_PCA_EIGENVECTORS, tf.float32)),
+      0.0, 1.0)
+  hue, sat, val = tf.unstack(tf.image.rgb_to_hsv(patch), axis=-1)
+
+  def contrast(x, power_draw, factor_draw, shift_draw):
+    power = patches.log_uniform(draw(power_draw), *config.sv_power_range)
+    factor = patches.log_uniform(draw(factor_draw), *config.sv_factor_range)
+    shift = tf.random.stateless_uniform(
+        [], draw(shift_draw), -config.max_sv_shift, config.max_sv_shift)
+    return tf.clip_by_value(tf.pow(x, power) * factor + shift, 0.0, 1.0)
+
+  sat = contrast(sat, _S_POWER, _S_SCALE, _S_SHIFT)
+  val = contrast(val, _V_POWER, _V_SCALE, _V_SHIFT)
+  hue = tf.math.floormod(hue + tf.random.stateless_uniform(
+      [], draw(_HUE), -config.max_hue_shift, config.max_hue_shift), 1.0)
+  return tf.image.hsv_to_rgb(tf.stack([hue, sat, val], axis=-1))
+
+
+def sample_view(seed, centre, config: ExConfig):
+  """Random (translation, scale, angle) of one view and its transform."""
+  draw = lambda d: patches.draw_seed(seed, d)
+  reach = config.max_translation * config.patch_size
+  translation = tf.random.stateless_uniform([2], draw(_TRANSLATION), -reach,
+                                            reach)
+  scale = patches.log_uniform(draw(_SCALE), *config.scale_range)
+  limit = math.radians(config.max_rotation_degrees)
+  angle = tf.random.stateless_uniform([], draw(_ROTATION), -limit, limit)
+  return view_transform(centre, translation, scale, angle, config.patch_size)
+
+
+def _sample_centre(seed, config: ExConfig):
+  half = (config.patch_size - 1) / 2.0
+  return tf.random.stateless_uniform([2], seed, half,
+                                     config.image_size - 1 - half)
+
+
+@base.register
+class ExemplarTask(base.Task):
+  """Exemplar with a triplet loss on cosine distances."""
+
+  name = 'ex'
+  config_class = ExConfig
+
+  def example(self, index, image, seed):
+    """Three views of one image; pure in (seed, index).
+
+    features: index, patches [3, p, p, 3] (x1, x2, negative candidate; trunk
+    inputs, VGG convention), centres [2, 2] ((y, x) of the seed patch and of
+    the candidate's patch in the 256x256 image), transforms [3, 8].
+    """
+    cfg = self.config
+    seed = patches.example_seed(seed, index, _SALT)
+    size = cfg.image_size
+    image = tf.image.resize(tf.cast(image, tf.float32) / 255.0, [size, size],
+                            method='bilinear', antialias=True)
+    image = tf.clip_by_value(image, 0.0, 1.0)
+    centres = tf.stack([
+        _sample_centre(patches.draw_seed(seed, _SEED_CENTRE), cfg),
+        _sample_centre(patches.draw_seed(seed, _CANDIDATE_CENTRE), cfg)])
+    view_seeds = [patches.draw_seed(seed, _VIEW_SEEDS + v) for v in range(_VIEWS)]
+    view_centres = [centres[0], centres[0], centres[1]]
+    transforms = tf.stack([sample_view(s, c, cfg)
+                           for s, c in zip(view_seeds, view_centres)])
+    views = extract_views(image, transforms, cfg.patch_size)
+    views = tf.stack([color_shift(tf.clip_by_value(views[v], 0.0, 1.0),
+                                  patches.draw_seed(view_seeds[v], 100), cfg)
+                      for v in range(_VIEWS)])
+    features = {
+        'index': tf.cast(index, tf.int64),
+        'patches': preprocessing.vgg_preprocess(views * 255.0),
+        'centres': centres,
+        'transforms': transforms,
+    }
+    return features
+
+  @staticmethod
+  def arrange_triplets(features):
+    """Batch-level: the third patch of example i becomes example i+1's
+    candidate (mod B), so every triplet's negative is from another image."""
+    out = dict(features)
+    x = features['patches']
+    out['patches'] = tf.concat(
+        [x[:, :2], tf.roll(x[:, 2:], shift=-1, axis=0)], axis=1)
+    return out, {'negative_index': tf.roll(features['index'], shift=-1,
+                                           axis=0)}
+
+  def make_dataset(self, source, batch_size, seed, start=0):
+    if batch_size < 2:
+      raise ValueError(f'ex batch_size must be at least 2 (the negative of a '
+                       f'triplet comes from another example of the batch), '
+                       f'got {batch_size}.')
+
+    def _example(index, image):
+      return self.example(index, image, seed)
+
+    ds = source.images(seed, start).map(
+        _example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return ds.map(self.arrange_triplets).prefetch(tf.data.AUTOTUNE)
+
+  def trunk_images(self, features):
+    return patches.flatten_groups(features['patches'])
+
+  def build_head(self):
+    cfg = self.config
+    return heads.PatchEmbeddingHead(
+        _VIEWS, unit_depths=cfg.unit_depths,
+        unit_bottleneck=cfg.unit_bottleneck, weight_decay=cfg.weight_decay,
+        name='ex_head')
+
+  def loss(self, labels, outputs):
+    del labels
+    return tf.reduce_mean(triplet_loss(outputs, self.config.margin))
+
+  def build_metrics(self):
+    return {'triplet_accuracy': tf_keras.metrics.Mean('triplet_accuracy'),
+            'loss': tf_keras.metrics.Mean('loss')}
+
+  def update_metrics(self, metrics, labels, outputs):
+    del labels
+    positive, negative = triplet_distances(outputs)
+    metrics['triplet_accuracy'].update_state(
+        tf.cast(positive < negative, tf.float32))
+    metrics['loss'].update_state(triplet_loss(outputs, self.config.margin))
+
+  def image_summaries(self, features, labels, outputs):
+    del labels, outputs
+    views = patches.for_display(features['patches'])
+    # Anchor, positive and negative side by side.
+    return {'ex/triplets': tf.concat(tf.unstack(views, axis=1), axis=2)}
+
+
+def triplet_distances(embeddings):
+  """Cosine distances (D(f1, f2), D(f1, f3)) of [B, 3, D] embeddings."""
+  f = tf.math.l2_normalize(tf.cast(embeddings, tf.float32), axis=-1)
+  anchor, positive, negative = f[:, 0], f[:, 1], f[:, 2]
+  return (1.0 - tf.reduce_sum(anchor * positive, axis=-1),
+          1.0 - tf.reduce_sum(anchor * negative, axis=-1))
+
+
+def triplet_loss(embeddings, margin: float = MARGIN):
+  """Per-triplet max(D(f1, f2) - D(f1, f3) + margin, 0), shape [B]."""
+  positive, negative = triplet_distances(embeddings)
+  return tf.nn.relu(positive - negative + margin)

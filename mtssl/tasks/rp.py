@@ -1,0 +1,317 @@
+"""Relative position (Doersch, Gupta & Efros 2015), as in paper section 2.
+
+Given two patches from adjacent points of a grid laid over one image, predict
+where the second patch lies relative to the first: an 8-way classification.
+
+Labels: the position of the SECOND patch relative to the FIRST,
+
+    0 1 2
+    3 . 4          (row offset dy, column offset dx) = LABEL_OFFSETS[label]
+    5 6 7
+
+e.g. label 1 means the second patch is directly above the first, label 4
+directly to its right. This is the layout of the 2015 code (its `pos2lbl`,
+shifted to start at 0).
+
+Sampling of one example (image at stream position k), following the 2015 code
+(github.com/cdoersch/deepcontext, `imgloader` / `sample_patch`):
+
+1. Resize the image, keeping its aspect ratio, to T pixels with T drawn
+   uniformly from [150000, 450000] (bilinear, antialiased).
+2. An image whose shorter side is then below 2 * patch + gap (240 px: two
+   patches and the gap between them) cannot hold a pair; the resize above is
+   enlarged so that the shorter side is exactly that, and the event is
+   counted in the source's counter as `rp_upscaled_small_image` (the 2015
+   code skipped such images).
+3. The grid: cells of patch + gap = 144 px. Its origin is drawn uniformly from
+   [0, 143] in each axis (as in 2015), capped at side - 240 so that the grid
+   has at least 2x2 points; its size is floor((side + gap - origin) / 144).
+4. The label is drawn uniformly from the 8 directions, then the first grid
+   point uniformly among the points whose neighbour in that direction is on
+   the grid. (The 2015 code took every adjacent pair of a grid; drawing one
+   pair per example with a uniform label keeps the classes balanced.)
+5. Each patch is jittered independently by an integer drawn uniformly from
+   [-7, 7] per axis and clipped to the image, as in 2015; a clipped patch
+   stays within 7 px of its grid point because every grid cell fits the
+   image.
+
+Colour handling, per patch (paper sections 2 and 3.3):
+
+* Colour dropping (default), exactly the 2015 `prep_image`: one channel drawn
+  uniformly is kept and has its patch mean subtracted; the other two are
+  replaced by uniform noise in [-0.5, 0.5) (in 0-255 units); the whole patch
+  is then scaled to a root-mean-square of 50. The result is expressed as an
+  RGB image in the trunk's convention, i.e. it is centred on the VGG mean, so
+  that `vgg_preprocess` (RGB in [0, 255] minus the VGG mean) hands the trunk
+  exactly the 2015 values, which were meant for a mean-subtracted 0-255
+  network input as well ("scale by 50 so that the variance is roughly the same
+  as the usual AlexNet inputs").
+* Harmonized (`harmonize=True`, the paper's "/H"): the patch is converted to
+  Lab and its lightness L in [0, 100] is scaled to L * 255 / 100 and
+  replicated into the three channels (`mtssl.ops.color.lightness_as_rgb`, the
+  same function colorization uses for its input), then `vgg_preprocess`.
+  Colour dropping is not applied.
+
+The 2015 code also pixelated a third of its patches; neither the 2017 paper
+nor its description of the task mentions it, and it is not done here.
+
+Every random draw is stateless, from (seed, k) and the draw's number.
+
+Model: both patches of every pair go through the trunk as one batch
+(`trunk_images` -> [2B, 96, 96, 3], pair-major) and the head
+(`heads.RelativePositionHead`) re-pairs them. Loss: softmax cross-entropy,
+mean over the batch. Metrics: accuracy and loss.
+"""
+
+import dataclasses
+from typing import Optional, Tuple
+
+import tensorflow as tf
+import tf_keras
+
+from mtssl import preprocessing
+from mtssl.ops import color
+from mtssl.tasks import base
+from mtssl.tasks import heads
+from mtssl.tasks import patches
+
+# (dy, dx) of the second patch relative to the first, indexed by label.
+LABEL_OFFSETS = ((-1, -1), (-1, 0), (-1, 1),
+                 (0, -1), (0, 1),
+                 (1, -1), (1, 0), (1, 1))
+NUM_CLASSES = len(LABEL_OFFSETS)
+COLOR_DROP_RMS = 50.0  # 2015: patches scaled to this root-mean-square.
+COLOR_DROP_NOISE = 0.5  # 2015: dropped channels ~ uniform(0, 1) - 0.5.
+UPSCALE_REASON = 'rp_upscaled_small_image'
+_SALT = 0x5250  # 'RP': this task's random stream.
+# Draw numbers of an example's random choices.
+(_PIXELS, _ORIGIN_Y, _ORIGIN_X, _LABEL, _FIRST_Y, _FIRST_X, _JITTER,
+ _COLOR_1, _COLOR_2) = range(9)
+_PATCH_SEEDS = 100  # Patch i's colour seed is draw _PATCH_SEEDS + i.
+
+
+@dataclasses.dataclass
+class RPConfig(base.TaskConfig):
+  """Relative position settings; defaults are the paper's / 2015 values."""
+  patch_size: int = 96
+  gap: int = 48
+  jitter: int = 7
+  min_pixels: int = 150_000
+  max_pixels: int = 450_000
+  # Lab lightness replicated x3 instead of colour dropping (paper 3.3).
+  harmonize: bool = False
+  # Head widths (paper section 3.4).
+  unit_depths: Tuple[int, ...] = heads.PAPER_UNIT_DEPTHS
+  unit_bottleneck: int = heads.PAPER_UNIT_BOTTLENECK
+  fc_depth: Optional[int] = None  # None: one patch's flattened width (4608).
+  fc_bottleneck: int = heads.PAPER_FC_BOTTLENECK
+  num_fc_units: int = heads.PAPER_NUM_FC_UNITS
+  weight_decay: float = 1e-4
+
+  def validate(self):
+    super().validate()
+    if self.patch_size <= 0:
+      raise ValueError(f'rp patch_size must be positive, got {self.patch_size}.')
+    if self.gap < 0 or self.jitter < 0:
+      raise ValueError(f'rp gap and jitter must be >= 0, got gap={self.gap}, '
+                       f'jitter={self.jitter}.')
+    if 2 * self.jitter > self.gap:
+      raise ValueError(f'rp jitter {self.jitter} is more than half the gap '
+                       f'{self.gap}: the patches of a pair could overlap.')
+    if not 0 < self.min_pixels <= self.max_pixels:
+      raise ValueError(f'rp needs 0 < min_pixels <= max_pixels, got '
+                       f'{self.min_pixels}, {self.max_pixels}.')
+    if not self.unit_depths or min(self.unit_depths) <= 0:
+      raise ValueError(f'rp unit_depths must be positive, got '
+                       f'{self.unit_depths}.')
+    for name in ('unit_bottleneck', 'fc_bottleneck', 'num_fc_units'):
+      if getattr(self, name) <= 0:
+        raise ValueError(f'rp {name} must be positive, got '
+                         f'{getattr(self, name)}.')
+    if self.fc_depth is not None and self.fc_depth <= 0:
+      raise ValueError(f'rp fc_depth must be positive, got {self.fc_depth}.')
+
+  @property
+  def min_side(self) -> int:
+    """Shortest image side that holds two adjacent patches."""
+    return 2 * self.patch_size + self.gap
+
+
+def resized_shape(height, width, pixels, min_side):
+  """Size with about `pixels` pixels and the aspect ratio of height x width,
+  enlarged so that the shorter side is at least `min_side`.
+
+  Returns (new_height, new_width, upscaled): int32 scalars and whether the
+  enlargement was needed.
+  """
+  h = tf.cast(height, tf.float64)
+  w = tf.cast(width, tf.float64)
+  scale = tf.sqrt(tf.cast(pixels, tf.float64) / (h * w))
+  new_h = tf.maximum(tf.round(h * scale), 1.0)
+  new_w = tf.maximum(tf.round(w * scale), 1.0)
+  short = tf.minimum(new_h, new_w)
+  upscaled = short < min_side
+  # (n * min_side) / short is exact, so the shorter side becomes min_side.
+  new_h = tf.where(upscaled, tf.math.ceil(new_h * min_side / short), new_h)
+  new_w = tf.where(upscaled, tf.math.ceil(new_w * min_side / short), new_w)
+  return tf.cast(new_h, tf.int32), tf.cast(new_w, tf.int32), upscaled
+
+
+def sample_pair_geometry(height, width, seed, patch_size=96, gap=48, jitter=7):
+  """Grid, label and patch corners of one pair in a height x width image.
+
+  The image must be at least 2 * patch_size + gap on each side.
+
+  Returns a dict of int32 tensors:
+    label: [] in 0..7 (see LABEL_OFFSETS).
+    grid_origin: [2] (y, x) of the grid's first point.
+    grid_size: [2] grid points per column and per row.
+    grid_points: [2, 2] (y, x) top-left corners of the two patches before
+      jitter, one row per patch.
+    corners: [2, 2] (y, x) top-left corners after jitter and clipping.
+  """
+  step = patch_size + gap
+  size = tf.stack([tf.cast(height, tf.int32), tf.cast(width, tf.int32)])
+  origin = tf.stack([
+      patches.uniform_int(patches.draw_seed(seed, d), 0,
+                          tf.minimum(step - 1, size[i] - patch_size - step))
+      for i, d in ((0, _ORIGIN_Y), (1, _ORIGIN_X))])
+  grid_size = (size + gap - origin) // step
+  label = patches.uniform_int(patches.draw_seed(seed, _LABEL), 0,
+                              NUM_CLASSES - 1)
+  offset = tf.gather(tf.constant(LABEL_OFFSETS, tf.int32), label)
+  # First grid point: any point whose neighbour at `offset` is on the grid.
+  low = tf.maximum(-offset, 0)
+  high = grid_size - 1 - tf.maximum(offset, 0)
+  first = tf.stack([
+      patches.uniform_int(patches.draw_seed(seed, d), low[i], high[i])
+      for i, d in ((0, _FIRST_Y), (1, _FIRST_X))])
+  cells = tf.stack([first, first + offset])
+  grid_points = origin + cells * step
+  shifts = patches.uniform_int(patches.draw_seed(seed, _JITTER), -jitter,
+                               jitter, shape=[2, 2])
+  corners = tf.clip_by_value(grid_points + shifts, 0, size - patch_size)
+  return {'label': label, 'grid_origin': origin, 'grid_size': grid_size,
+          'grid_points': grid_points, 'corners': corners}
+
+
+def kept_channel(seed) -> tf.Tensor:
+  """The channel colour dropping keeps for a given patch seed."""
+  return patches.uniform_int(patches.draw_seed(seed, _COLOR_1), 0, 2)
+
+
+def patch_seed(seed, i):
+  """The colour seed of patch i (0 or 1) of an example."""
+  return patches.draw_seed(seed, _PATCH_SEEDS + i)
+
+
+def color_drop(patch, seed):
+  """2015 colour dropping of one RGB patch in [0, 255] (see module docstring).
+
+  Returns float32 [h, w, 3] in the trunk's RGB convention: vgg_preprocess of
+  it is the 2015 network input (kept channel mean-subtracted, the others
+  uniform noise, RMS 50).
+  """
+  patch = tf.cast(patch, tf.float32)
+  keep = kept_channel(seed)
+  noise = tf.random.stateless_uniform(
+      tf.shape(patch), seed=patches.draw_seed(seed, _COLOR_2),
+      minval=-COLOR_DROP_NOISE, maxval=COLOR_DROP_NOISE)
+  centred = patch - tf.reduce_mean(patch, axis=[0, 1], keepdims=True)
+  kept = tf.equal(tf.range(3), keep)
+  dropped = tf.where(kept, centred, noise)
+  rms = tf.sqrt(tf.reduce_mean(tf.square(dropped)))
+  dropped = dropped * (COLOR_DROP_RMS / tf.maximum(rms, 1e-6))
+  return dropped + tf.constant(preprocessing.VGG_MEAN_RGB, tf.float32)
+
+
+@base.register
+class RelativePositionTask(base.Task):
+  """Relative position of two patches: 8-way classification."""
+
+  name = 'rp'
+  config_class = RPConfig
+
+  def example(self, index, image, seed, counter=None):
+    """One (features, labels) pair from one image; pure in (seed, index).
+
+    features: index, patches [2, p, p, 3] (trunk inputs, VGG convention),
+      corners [2, 2] (y, x of each patch in the resized image), image_size
+      [2] (the resized image). labels: label [].
+    """
+    cfg = self.config
+    seed = patches.example_seed(seed, index, _SALT)
+    shape = tf.shape(image)
+    pixels = patches.uniform_int(patches.draw_seed(seed, _PIXELS),
+                                 cfg.min_pixels, cfg.max_pixels)
+    height, width, upscaled = resized_shape(shape[0], shape[1], pixels,
+                                            cfg.min_side)
+    if counter is not None:
+      upscaled = counter.note(upscaled, UPSCALE_REASON, upscaled)
+    resized = tf.image.resize(tf.cast(image, tf.float32), [height, width],
+                              method='bilinear', antialias=True)
+    resized = tf.clip_by_value(resized, 0.0, 255.0)
+    geometry = sample_pair_geometry(height, width, seed, cfg.patch_size,
+                                    cfg.gap, cfg.jitter)
+    pair = []
+    for i in range(2):
+      patch = patches.crop(resized, geometry['corners'][i, 0],
+                           geometry['corners'][i, 1], cfg.patch_size)
+      if cfg.harmonize:
+        patch = color.lightness_as_rgb(patch)
+      else:
+        patch = color_drop(patch, patch_seed(seed, i))
+      pair.append(preprocessing.vgg_preprocess(patch))
+    features = {
+        'index': tf.cast(index, tf.int64),
+        'patches': tf.stack(pair),
+        'corners': geometry['corners'],
+        'image_size': tf.stack([height, width]),
+        'upscaled': upscaled,
+    }
+    return features, {'label': geometry['label']}
+
+  def make_dataset(self, source, batch_size, seed, start=0):
+    counter = source.counter
+
+    def _example(index, image):
+      return self.example(index, image, seed, counter)
+
+    ds = source.images(seed, start).map(
+        _example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(
+        tf.data.AUTOTUNE)
+
+  def trunk_images(self, features):
+    return patches.flatten_groups(features['patches'])
+
+  def build_head(self):
+    cfg = self.config
+    return heads.RelativePositionHead(
+        NUM_CLASSES, unit_depths=cfg.unit_depths,
+        unit_bottleneck=cfg.unit_bottleneck, fc_depth=cfg.fc_depth,
+        fc_bottleneck=cfg.fc_bottleneck, num_fc_units=cfg.num_fc_units,
+        weight_decay=cfg.weight_decay, name='rp_head')
+
+  def _per_example_loss(self, labels, outputs):
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(labels['label'], tf.int32),
+        logits=tf.cast(outputs, tf.float32))
+
+  def loss(self, labels, outputs):
+    return tf.reduce_mean(self._per_example_loss(labels, outputs))
+
+  def build_metrics(self):
+    return {'accuracy': tf_keras.metrics.SparseCategoricalAccuracy('accuracy'),
+            'loss': tf_keras.metrics.Mean('loss')}
+
+  def update_metrics(self, metrics, labels, outputs):
+    metrics['accuracy'].update_state(labels['label'],
+                                     tf.cast(outputs, tf.float32))
+    metrics['loss'].update_state(self._per_example_loss(labels, outputs))
+
+  def image_summaries(self, features, labels, outputs):
+    del labels, outputs
+    pair = patches.for_display(features['patches'])
+    # The two patches side by side, first on the left.
+    return {'rp/pairs': tf.concat([pair[:, 0], pair[:, 1]], axis=2)}
