@@ -206,7 +206,13 @@ class TrainConfig:
 # Per-task settings of the CPU preset: narrow heads (the paper's are tens of
 # millions of parameters each) and small batches; input sizes stay the
 # paper's.
-CPU_TASK_OVERRIDES: Dict[str, Dict[str, object]] = {}
+CPU_TASK_OVERRIDES: Dict[str, Dict[str, object]] = {
+    'rp': {'unit_depths': (128, 64), 'unit_bottleneck': 32,
+           'fc_bottleneck': 128},
+    'col': {'head_widths': (256, 256)},
+    'ex': {'unit_depths': (128, 64), 'unit_bottleneck': 32},
+    'ms': {'head_widths': (256, 256)},
+}
 CPU_TASKS = ('rp', 'col')
 PAPER_TASKS = ('rp', 'col', 'ex', 'ms')
 
@@ -216,8 +222,10 @@ def _task_runs(names: Sequence[str], overrides=None) -> Dict[str, TaskRun]:
   for name in names:
     cls = tasks_lib.get_task_class(name)
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
-    values = {k: v for k, v in (overrides or {}).get(name, {}).items()
-              if k in fields}
+    values = (overrides or {}).get(name, {})
+    unknown = set(values) - fields
+    if unknown:
+      raise ConfigError(f'{name} has no setting(s) {sorted(unknown)}.')
     runs[name] = TaskRun(config=cls.config_class(**values))
   return runs
 

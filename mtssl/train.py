@@ -45,18 +45,35 @@ _TASKS = flags.DEFINE_list('tasks', None,
                            + ' (default: the preset\'s)')
 
 
+class _TupleOf:
+  """A tuple-of-numbers field, given on the command line as a comma list."""
+
+  def __init__(self, element):
+    self.element = element
+
+  def parse(self, values):
+    return tuple(self.element(v) for v in values)
+
+
 def _scalar_type(annotation):
-  """int/float/bool/str for a (possibly Optional) scalar annotation, else None."""
+  """Flag kind of a field: int/float/bool/str, _TupleOf(int|float), or None."""
   if typing.get_origin(annotation) is typing.Union:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if len(args) != 1:
       return None
     annotation = args[0]
+  if typing.get_origin(annotation) is tuple:
+    args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+    if args and all(a is args[0] for a in args) and args[0] in (int, float):
+      return _TupleOf(args[0])
+    return None
   return annotation if annotation in (int, float, bool, str) else None
 
 
 def _define(name, kind, help_text, choices=None):
-  if kind is bool:
+  if isinstance(kind, _TupleOf):
+    flags.DEFINE_list(name, None, f'{help_text} (comma-separated)')
+  elif kind is bool:
     flags.DEFINE_bool(name, None, help_text)
   elif choices:
     flags.DEFINE_enum(name, None, list(choices), help_text)
@@ -95,6 +112,24 @@ def _define_flags():
 _define_flags()
 
 
+def _given(flag_values, prefix, cls):
+  """{field: value} for the fields of `cls` whose flag `prefix+field` was set."""
+  out = {}
+  for field, kind in _config_fields(cls):
+    value = flag_values[prefix + field.name].value
+    if value is None:
+      continue
+    if isinstance(kind, _TupleOf):
+      try:
+        value = kind.parse(value)
+      except ValueError:
+        raise configs.ConfigError(
+            f'--{prefix}{field.name}: expected comma-separated '
+            f'{kind.element.__name__} values, got {",".join(value)!r}.') from None
+    out[field.name] = value
+  return out
+
+
 def config_from_flags(flag_values=FLAGS) -> configs.TrainConfig:
   """The preset named by --config with every given flag applied."""
   names = flag_values.tasks
@@ -110,12 +145,8 @@ def config_from_flags(flag_values=FLAGS) -> configs.TrainConfig:
     if len(set(names)) != len(names):
       raise configs.ConfigError(f'--tasks lists a task twice: {",".join(names)}.')
   config = configs.PRESETS[flag_values.config](names)
-  updates = {}
-  for field, _ in _config_fields(configs.TrainConfig):
-    value = flag_values[field.name].value
-    if value is not None:
-      updates[field.name] = value
-  config = dataclasses.replace(config, **updates)
+  config = dataclasses.replace(
+      config, **_given(flag_values, '', configs.TrainConfig))
   for task in tasks_lib.task_names():
     given = [n for n in flag_values if n.startswith(f'{task}_')
              and flag_values[n].present]
@@ -126,12 +157,8 @@ def config_from_flags(flag_values=FLAGS) -> configs.TrainConfig:
             f'({",".join(config.tasks)}).')
       continue
     run = config.tasks[task]
-    run_updates = {f.name: flag_values[f'{task}_{f.name}'].value
-                   for f, _ in _config_fields(configs.TaskRun)
-                   if flag_values[f'{task}_{f.name}'].value is not None}
-    task_updates = {f.name: flag_values[f'{task}_{f.name}'].value
-                    for f, _ in _config_fields(type(run.config))
-                    if flag_values[f'{task}_{f.name}'].value is not None}
+    run_updates = _given(flag_values, f'{task}_', configs.TaskRun)
+    task_updates = _given(flag_values, f'{task}_', type(run.config))
     config.tasks[task] = dataclasses.replace(
         run, config=dataclasses.replace(run.config, **task_updates),
         **run_updates)

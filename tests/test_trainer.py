@@ -1,8 +1,9 @@
-"""The single-machine trainer on toy tasks with a tiny trunk.
+"""The single-machine trainer with a tiny trunk.
 
-Checks the paper's training structure (one active head per step, a separate
-optimizer per task, the trunk shared), resume exactness, compute accounting
-and non-finite handling.
+The paper's training structure (one active head per step, a separate optimizer
+per task, the trunk shared) and resume exactness are checked on the real rp
+and col tasks at small sizes; compute accounting and non-finite handling on
+toy tasks (a NaN can be injected into their data).
 """
 
 import os
@@ -11,6 +12,8 @@ import numpy as np
 import tensorflow as tf
 
 from mtssl import configs
+from mtssl.tasks import col
+from mtssl.tasks import rp
 from mtssl.training import trainer as trainer_lib
 from tests import toy_task
 
@@ -32,6 +35,23 @@ def make_config(model_dir, steps=6, nan_at=(), **overrides):
   return configs.TrainConfig(**values)
 
 
+def real_config(model_dir, steps, **overrides):
+  """rp + col at small sizes: tiny trunk, narrow heads, small inputs."""
+  tasks = {
+      'rp': configs.TaskRun(config=rp.RPConfig(
+          batch_size=4, patch_size=32, gap=16, jitter=3, min_pixels=20000,
+          max_pixels=30000, unit_depths=(32, 16), unit_bottleneck=8,
+          fc_bottleneck=16)),
+      'col': configs.TaskRun(config=col.ColConfig(
+          batch_size=2, image_size=64, head_widths=(32, 32))),
+  }
+  values = dict(tasks=tasks, model_dir=model_dir, trunk='resnet_v2_tiny',
+                output_stride=8, steps=steps, checkpoint_every=1000,
+                log_every=2, summary_every=2, image_summary_every=2)
+  values.update(overrides)
+  return configs.TrainConfig(**values)
+
+
 def snapshot(variables):
   return {v.name: v.numpy() for v in variables}
 
@@ -43,21 +63,26 @@ def changed(before, variables):
 class TrainerTest(tf.test.TestCase):
 
   def test_heads_change_only_on_their_own_steps(self):
-    trainer = trainer_lib.Trainer(make_config(self.get_temp_dir(), steps=1))
+    trainer = trainer_lib.Trainer(real_config(self.get_temp_dir(), steps=1))
     trainer.setup()
     model = trainer.model
     trunk = model.trunk.trainable_variables
-    head_a = model.heads['toy_a'].trainable_variables
-    head_b = model.heads['toy_b'].trainable_variables
-    for name, own, other in (('toy_a', head_a, head_b), ('toy_b', head_b, head_a)):
+    head_a = model.heads['rp'].trainable_variables
+    head_b = model.heads['col'].trainable_variables
+    for name, own, other in (('rp', head_a, head_b), ('col', head_b, head_a)):
       before = snapshot(trunk + own + other)
       features, labels = trainer._next_batch(name)  # pylint: disable=protected-access
       self.assertTrue(bool(trainer.steps[name](features, labels)['finite']))
-      self.assertLen(changed(before, own), len(own))
+      # Every kernel, gamma and beta moves; a conv bias followed by a
+      # training-mode batch norm has an exactly zero gradient and may not.
+      moved = changed(before, own)
+      self.assertTrue(all(v.name in moved for v in own if 'bias' not in v.name),
+                      [v.name for v in own if v.name not in moved])
       self.assertEqual(changed(before, other), [])
       self.assertLen(changed(before, trunk), len(trunk))
     # Each task has its own optimizer, with slots over the trunk and its head.
-    opt_a, opt_b = trainer.optimizers['toy_a'], trainer.optimizers['toy_b']
+    trainer.close_inputs()
+    opt_a, opt_b = trainer.optimizers['rp'], trainer.optimizers['col']
     self.assertIsNot(opt_a, opt_b)
     kernel = model.trunk.conv1.conv.kernel
     self.assertIsNot(opt_a.get_slot(kernel, 'rms'), opt_b.get_slot(kernel, 'rms'))
@@ -94,21 +119,21 @@ class TrainerTest(tf.test.TestCase):
                                 for g in range(400)])
 
   def test_resume_reproduces_the_uninterrupted_run(self):
-    straight = trainer_lib.Trainer(make_config(
+    straight = trainer_lib.Trainer(real_config(
         os.path.join(self.get_temp_dir(), 'straight'), steps=6))
     straight_result = straight.train()
     expected = snapshot(straight.model.variables)
 
     resumed_dir = os.path.join(self.get_temp_dir(), 'resumed')
-    first = trainer_lib.Trainer(make_config(resumed_dir, steps=3))
+    first = trainer_lib.Trainer(real_config(resumed_dir, steps=3))
     first.train()
-    second = trainer_lib.Trainer(make_config(resumed_dir, steps=6))
+    second = trainer_lib.Trainer(real_config(resumed_dir, steps=6))
     result = second.train()
     self.assertIsNotNone(second.resumed_from)
     self.assertEqual(result['task_steps'], straight_result['task_steps'])
     for name, value in snapshot(second.model.variables).items():
       self.assertAllEqual(value, expected[name], msg=name)
-    for name in ('toy_a', 'toy_b'):
+    for name in ('rp', 'col'):
       self.assertEqual(int(second.state.positions[name].numpy()),
                        int(straight.state.positions[name].numpy()))
 

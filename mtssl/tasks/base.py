@@ -59,10 +59,6 @@ class Task(abc.ABC):
 
   name: ClassVar[str]
   config_class: ClassVar[Type[TaskConfig]] = TaskConfig
-  # Nominal cost of one step at the paper's batch size, in K40 GPU-hours,
-  # from the paper's per-epoch figures (SPEC section 5); the trainer's compute
-  # accounting uses it unless a measured or flag-given cost replaces it.
-  paper_step_cost_gpu_hours: ClassVar[Optional[float]] = None
 
   def __init__(self, config: Optional[TaskConfig] = None):
     self.config = config if config is not None else self.config_class()

@@ -245,7 +245,6 @@ class ColorizationTask(base.Task):
   config_class = ColConfig
   # The paper gives one ImageNet epoch as ~90 K40 GPU-hours but no batch
   # size, so no per-step cost is claimed here (the trainer measures it).
-  paper_step_cost_gpu_hours = None
 
   def __init__(self, config=None, load_prior: bool = True):
     """`load_prior=False` only for estimating a prior (no loss without one)."""

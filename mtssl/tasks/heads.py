@@ -159,11 +159,13 @@ class RelativePositionHead(tf_keras.Model):
   def build(self, input_shape):
     self.patch_width = _static_patch_width(input_shape, self.unit_depths)
     depth = self.fc_depth or self.patch_width
-    self.fc_units = [
+    # Extend the tracked list rather than replacing it: a checkpoint restore
+    # requested before the head was built is attached to this list object.
+    self.fc_units.extend(
         FullyConnectedBottleneck(depth, self.fc_bottleneck,
                                  weight_decay=self.weight_decay,
                                  name=f'fc_unit_{i + 1}/bottleneck_v2')
-        for i in range(self.num_fc_units)]
+        for i in range(self.num_fc_units))
     tf_keras.layers.Layer.build(self, input_shape)
 
   def patch_features(self, features, training=None):

@@ -137,7 +137,6 @@ class MotionSegmentationTask(base.Task):
   # The paper gives one epoch of its video set as ~400 K40 GPU-hours but
   # neither the set's size nor the batch size, so no per-step cost is claimed
   # here (the trainer measures it).
-  paper_step_cost_gpu_hours = None
 
   # Inputs ------------------------------------------------------------------
   def make_source(self, spec: str, tfds_data_dir=None):

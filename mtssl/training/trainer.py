@@ -268,6 +268,12 @@ class Trainer:
   def train(self):
     """Runs until `steps` or `max_cost`; returns a summary dict."""
     self.setup()
+    try:
+      return self._train()
+    finally:
+      self.close_inputs()
+
+  def _train(self):
     cfg = self.config
     weights = [cfg.tasks[n].weight for n in self.names]
     consecutive_bad = collections.Counter()
@@ -351,6 +357,16 @@ class Trainer:
     logging.info('Done: %s', result)
     return result
 
+  def close_inputs(self):
+    """Releases the input iterators.
+
+    Pipelines that run Python (tf.numpy_function) must not outlive the
+    interpreter's shutdown, where an iterator still alive can hang the
+    process at exit.
+    """
+    self.iterators = {}
+    self._pending = {}
+
   def _maybe_snapshot(self, total_cost):
     every = self.config.snapshot_cost
     if not every:
@@ -394,6 +410,8 @@ class Trainer:
     for name in self.names:
       w = window[name]
       metrics = self.steps[name].metric_results()
+      # The window's mean loss; a task metric of the same name is not repeated.
+      metrics.pop('loss', None)
       metric_text = ' '.join(f'{k} {v:.3g}' for k, v in metrics.items())
       loss = f'loss {w["loss"] / w["steps"]:.4g}' if w['steps'] else 'loss -'
       speed = (w['examples'] / (w['step_s'] + w['input_s'])

@@ -1,0 +1,104 @@
+"""`python -m mtssl.train`: flags, flagfiles, validation and exit codes."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import tensorflow as tf
+from absl.testing import parameterized
+
+from mtssl import configs
+from mtssl import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGFILES = sorted(glob.glob(os.path.join(ROOT, 'flags', '*.flags')))
+
+
+def parse(*args):
+  train.FLAGS.unparse_flags()
+  train.FLAGS(['mtssl.train', *args])
+  try:
+    return train.config_from_flags()
+  finally:
+    train.FLAGS.unparse_flags()
+
+
+def run_cli(*args, timeout=300):
+  return subprocess.run([sys.executable, '-m', 'mtssl.train', *args],
+                        capture_output=True, text=True, timeout=timeout,
+                        cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+
+
+class FlagsTest(tf.test.TestCase, parameterized.TestCase):
+
+  def test_default_is_the_cpu_preset(self):
+    config = parse()
+    self.assertEqual(list(config.tasks), ['rp', 'col'])
+    self.assertEqual(config.trunk, 'resnet_v2_small')
+    self.assertEqual(config.tasks['col'].config.head_widths, (256, 256))
+    self.assertEqual(config.tasks['rp'].data, 'synthetic')
+
+  def test_every_table_of_the_paper_has_a_valid_flagfile(self):
+    names = {os.path.basename(f)[:-len('.flags')] for f in FLAGFILES}
+    self.assertEqual(names, {'rp', 'col', 'ex', 'ms', 'rp_col', 'rp_ex', 'rp_ms',
+                             'rp_col_ex', 'rp_col_ex_ms', 'rp_h', 'rp_col_h',
+                             'rp_col_ex_ms_lasso'})
+    for path in FLAGFILES:
+      config = parse(f'--flagfile={path}')
+      self.assertEqual(config.trunk, 'resnet_v2_101', path)
+      self.assertEqual(config.output_stride, 8, path)
+      self.assertEqual(config.max_cost, configs.PAPER_TOTAL_GPU_HOURS, path)
+      self.assertEqual(config.snapshot_cost, configs.PAPER_SNAPSHOT_GPU_HOURS)
+      tasks = os.path.basename(path)[:-len('.flags')].replace('_lasso', '')
+      tasks = tasks.replace('_h', '').split('_')
+      self.assertEqual(sorted(config.tasks), sorted(tasks), path)
+      self.assertEqual(config.harmonize, path.endswith('_h.flags'), path)
+      self.assertEqual(config.lasso, path.endswith('_lasso.flags'), path)
+      if 'col' in config.tasks:  # The paper's 35 M-parameter head.
+        self.assertEqual(config.tasks['col'].config.head_widths, (4096, 4096))
+
+  def test_per_task_and_tuple_flags(self):
+    config = parse('--tasks=rp,col,ex', '--rp_batch_size=3',
+                   '--col_head_widths=64,32', '--ex_learning_rate=0.01',
+                   '--harmonize', '--steps=7')
+    self.assertEqual(config.tasks['rp'].config.batch_size, 3)
+    self.assertEqual(config.tasks['col'].config.head_widths, (64, 32))
+    self.assertEqual(config.tasks['ex'].learning_rate, 0.01)
+    self.assertTrue(config.harmonize)
+    self.assertEqual(config.steps, 7)
+
+  @parameterized.parameters(
+      (('--tasks=rp,jigsaw',), "unknown task 'jigsaw'"),
+      (('--rp_batch_size=-4',), 'batch_size must be positive, got -4'),
+      (('--col_head_widths=64,wide',), '--col_head_widths: expected'),
+      (('--tasks=col', '--harmonize'), 'rp is not among the tasks'),
+      (('--tasks=col', '--rp_batch_size=2'), 'rp is not among --tasks'),
+      (('--output_stride=12',), 'output_stride'),
+      (('--steps=0',), 'steps must be positive'),
+      (('--config=paper', '--tasks=ms', '--cost_model=paper'),
+       'set ms_step_cost'),
+  )
+  def test_invalid_values_name_the_problem(self, args, message):
+    with self.assertRaisesRegex(configs.ConfigError, message):
+      parse(*args)
+
+
+class CommandLineTest(tf.test.TestCase):
+
+  def test_bad_input_exits_2_with_one_line(self):
+    for args, message in (
+        (('--rp_data=folder:/no/such/dir',), "rp_data='folder:/no/such/dir'"),
+        (('--tasks=rp,jigsaw',), "unknown task 'jigsaw'"),
+        (('--no_such_flag=1',), 'no_such_flag'),
+    ):
+      result = run_cli(*args, f'--model_dir={self.get_temp_dir()}/run')
+      self.assertEqual(result.returncode, 2, (args, result.stderr[-2000:]))
+      errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+      self.assertLen(errors, 1, result.stderr[-2000:])
+      self.assertIn(message, errors[0])
+      self.assertFalse(os.path.exists(f'{self.get_temp_dir()}/run/checkpoint'))
+
+
+if __name__ == '__main__':
+  tf.test.main()
