@@ -136,9 +136,16 @@ def _results_in_order(tasks: Sequence[Tuple[str, str]], options,
     try:
       while position < len(tasks) or in_flight:
         while position < len(tasks) and len(in_flight) < 2 * workers:
-          in_flight.append((tasks[position],
-                            executor.submit(work, tasks[position])))
+          try:
+            future = executor.submit(work, tasks[position])
+          except BrokenProcessPool:
+            # A worker died since the last result; the task is resubmitted.
+            broken = True
+            break
+          in_flight.append((tasks[position], future))
           position += 1
+        if broken:
+          break
         _, future = in_flight[0]
         try:
           result = future.result()
