@@ -21,12 +21,12 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from mtssl.evaluation import data as data_lib
-from mtssl.evaluation import factory
-from mtssl.evaluation import runner
-from mtssl.evaluation import trunks
+from mtssl import evaluation
 
-_PROTOCOL_HELP = ', '.join(factory.PROTOCOLS)
+# TensorFlow is imported only once the flags are known to be usable (main),
+# so that a usage error is reported at once.
+
+_PROTOCOL_HELP = ', '.join(evaluation.PROTOCOLS)
 
 flags.DEFINE_string('model_dir', None, 'Output directory (checkpoints, '
                     'TensorBoard summaries, metrics JSON). Required.')
@@ -68,6 +68,9 @@ flags.DEFINE_float('weight_decay', None, 'L2 weight decay (Slim form) of the '
                    'trained layers.')
 flags.DEFINE_enum('batch_norm', None, ['train', 'frozen'], 'Batch norm of '
                   'fine-tuned layers (default: depth train, detection frozen).')
+flags.DEFINE_float('head_batch_norm_decay', None, 'depth, detection: '
+                   'moving-average decay of the new heads\' batch norms '
+                   '(default 0.99).')
 flags.DEFINE_list('image_size', None, 'Input size: S or H,W (default: linear '
                   '224, depth 240,320, detection 1024).')
 flags.DEFINE_integer('resize_size', None, 'linear: shorter side before the '
@@ -140,7 +143,7 @@ def _floats(name, values):
     raise UsageError(f'--{name}={",".join(values)}: expected numbers.') from None
 
 
-def _options_from_flags() -> factory.EvaluationOptions:
+def _options_from_flags(factory):
   batch_norm = FLAGS.batch_norm
   return factory.EvaluationOptions(
       model_dir=FLAGS.model_dir or '',
@@ -155,6 +158,7 @@ def _options_from_flags() -> factory.EvaluationOptions:
       eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.checkpoint_every,
       lasso_l1=FLAGS.lasso_l1, weight_decay=FLAGS.weight_decay,
       train_batch_norm=None if batch_norm is None else batch_norm == 'train',
+      head_batch_norm_decay=FLAGS.head_batch_norm_decay,
       image_size=_ints('image_size', FLAGS.image_size, 'size'),
       resize_size=FLAGS.resize_size, num_classes=FLAGS.num_classes,
       upproj_filters=_ints('upproj_filters', FLAGS.upproj_filters),
@@ -181,18 +185,24 @@ def _fail(message: str) -> int:
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in factory.PROTOCOLS:
+  if len(argv) != 2 or argv[1] not in evaluation.PROTOCOLS:
     given = ' '.join(argv[1:]) or 'nothing'
     return _fail(f'give exactly one protocol ({_PROTOCOL_HELP}); got {given}. '
                  f'Usage: python -m mtssl.evaluate PROTOCOL --model_dir=DIR '
                  f'[--init_checkpoint=CKPT] [--data=...]')
   protocol = argv[1]
+  # pylint: disable=g-import-not-at-top
+  from mtssl.evaluation import data as data_lib
+  from mtssl.evaluation import factory
+  from mtssl.evaluation import runner
+  from mtssl.evaluation import trunks
+  # pylint: enable=g-import-not-at-top
   try:
-    evaluation = factory.make_evaluation(protocol, _options_from_flags())
+    run = factory.make_evaluation(protocol, _options_from_flags(factory))
   except ValueError as e:  # every check of flags, trunk and data
     return _fail(str(e))
   try:
-    report = evaluation.run()
+    report = run.run()
   except (trunks.TrunkLoadError, data_lib.DataSourceError,
           runner.EvaluationError) as e:
     return _fail(str(e))
@@ -202,7 +212,7 @@ def main(argv):
   print(report['table_row'])
   print(f'headline {report["headline"]} = {report["metrics"][report["headline"]]:.2f}'
         f' (chance {report["chance"].get(report["headline"], float("nan")):.2f})')
-  print(f'Wrote {evaluation.run_config.model_dir}/{protocol}_metrics.json')
+  print(f'Wrote {run.run_config.model_dir}/{protocol}_metrics.json')
   return 0
 
 
@@ -214,9 +224,9 @@ def _parse_flags(argv):
     sys.exit(2)
 
 
-def run():
+def entry_point():
   app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':
-  run()
+  entry_point()

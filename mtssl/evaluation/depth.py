@@ -41,8 +41,9 @@ The network:
   Kinect resolution); depth resized with nearest neighbour (invalid zeros
   stay zeros) to the same size; random horizontal flip of both and the
   Inception color distortion of the image. All weights train; the trunk's
-  batch norm runs in training mode (`train_batch_norm`) as in Laina et al.
-  Evaluation: the prediction is resized to the ground truth's own
+  batch norm runs in training mode (`train_batch_norm`) as in Laina et al.;
+  the decoder's batch norms always train, their moving averages with decay
+  `head_batch_norm_decay` (0.99). Evaluation: the prediction is resized to the ground truth's own
   resolution (NYU: 480x640); no crop (the paper names none).
 * Head convolutions use Slim's initializer and Slim-form L2 weight decay.
 * Chance level: a constant prediction, the median valid depth of
@@ -65,17 +66,15 @@ from mtssl.evaluation import metrics as metrics_lib
 from mtssl.evaluation import runner
 
 
-# Moving-average decay of the decoder's batch norms (TensorFlow's default);
-# the trunk keeps Slim's 0.997.
-HEAD_BATCH_NORM_DECAY = 0.99
-
-
 @dataclasses.dataclass
 class DepthConfig:
   image_size: Tuple[int, int] = (240, 320)
   upproj_filters: Tuple[int, ...] = (512, 256, 128)
   lasso_l1: Optional[float] = None
   train_batch_norm: bool = True
+  # Moving-average decay of the decoder's batch norms (TensorFlow's default;
+  # the trunk keeps Slim's 0.997). Short runs need a faster average.
+  head_batch_norm_decay: float = 0.99
   weight_decay: float = 1e-4
   min_depth: float = 1e-3
   max_depth: float = 10.0
@@ -96,6 +95,9 @@ class DepthConfig:
                        f'{self.min_depth}, {self.max_depth}.')
     if self.lasso_l1 is not None and self.lasso_l1 < 0:
       raise ValueError(f'lasso_l1 must be >= 0, got {self.lasso_l1}.')
+    if not 0 <= self.head_batch_norm_decay < 1:
+      raise ValueError(f'head_batch_norm_decay must be in [0, 1), got '
+                       f'{self.head_batch_norm_decay}.')
     if not 0 < self.berhu_fraction <= 1:
       raise ValueError(f'berhu_fraction must be in (0, 1], got '
                        f'{self.berhu_fraction}.')
@@ -112,10 +114,9 @@ def _conv(filters, kernel, name, weight_decay, use_bias=False):
                           if weight_decay else None), name=name)
 
 
-def _bn(name):
+def _bn(name, decay):
   return tf_keras.layers.BatchNormalization(
-      momentum=HEAD_BATCH_NORM_DECAY, epsilon=resnet_lib.BATCH_NORM_EPSILON,
-      name=name)
+      momentum=decay, epsilon=resnet_lib.BATCH_NORM_EPSILON, name=name)
 
 
 def interleave(a, b, c, d):
@@ -164,15 +165,16 @@ class FastUnpoolConv(tf_keras.layers.Layer):
 class UpProjection(tf_keras.layers.Layer):
   """Laina et al.'s up-projection block (fast form), 2x upsampling."""
 
-  def __init__(self, filters, weight_decay=0.0, **kwargs):
+  def __init__(self, filters, weight_decay=0.0, batch_norm_decay=0.99,
+               **kwargs):
     super().__init__(**kwargs)
     self.filters = filters
     self.unpool1 = FastUnpoolConv(filters, weight_decay, name='branch1_unpool')
-    self.bn1 = _bn('branch1_bn1')
+    self.bn1 = _bn('branch1_bn1', batch_norm_decay)
     self.conv = _conv(filters, (3, 3), 'branch1_conv', weight_decay)
-    self.bn2 = _bn('branch1_bn2')
+    self.bn2 = _bn('branch1_bn2', batch_norm_decay)
     self.unpool2 = FastUnpoolConv(filters, weight_decay, name='branch2_unpool')
-    self.bn3 = _bn('branch2_bn')
+    self.bn3 = _bn('branch2_bn', batch_norm_decay)
 
   def call(self, x, training=None):
     b1 = tf.nn.relu(self.bn1(self.unpool1(x), training=training))
@@ -186,11 +188,12 @@ class DepthHead(tf_keras.Model):
   """[lasso ->] up-projections -> 3x3 conv to depth."""
 
   def __init__(self, filters: Sequence[int], unit_names=None, lasso_l1=None,
-               weight_decay=0.0, **kwargs):
+               weight_decay=0.0, batch_norm_decay=0.99, **kwargs):
     super().__init__(**kwargs)
     self.lasso = (lasso_lib.UnitLasso(unit_names, lasso_l1, name='lasso_eval')
                   if lasso_l1 is not None else None)
-    self.up = [UpProjection(f, weight_decay, name=f'up_projection_{i + 1}')
+    self.up = [UpProjection(f, weight_decay, batch_norm_decay,
+                            name=f'up_projection_{i + 1}')
                for i, f in enumerate(filters)]
     self.predict_conv = _conv(1, (3, 3), 'depth_pred', weight_decay,
                               use_bias=True)
@@ -288,13 +291,16 @@ class DepthProtocol(runner.Protocol):
     self.head = DepthHead(
         c.upproj_filters,
         unit_names=self.trunk.unit_names(self.trunk.block_specs[-1].scope),
-        lasso_l1=c.lasso_l1, weight_decay=c.weight_decay, name='depth_head')
+        lasso_l1=c.lasso_l1, weight_decay=c.weight_decay,
+        batch_norm_decay=c.head_batch_norm_decay, name='depth_head')
     self._depth(batch, tf.shape(batch['depth'])[1:3], training=False)
 
   def _depth(self, batch, size, training):
-    bn_training = training and self.config.train_batch_norm
-    end_points = self.trunk(batch['image'], training=bn_training)
-    pred = self.head(end_points, self.trunk.output_name, training=bn_training)
+    # `train_batch_norm` is about the pre-trained trunk; the decoder's own
+    # batch norms always train.
+    end_points = self.trunk(batch['image'],
+                            training=training and self.config.train_batch_norm)
+    pred = self.head(end_points, self.trunk.output_name, training=training)
     return tf.image.resize(pred[..., None], size, method='bilinear')[..., 0]
 
   @property

@@ -142,6 +142,7 @@ class DetectionConfig:
   max_detections: int = 100
   lasso_l1: Optional[float] = None
   train_batch_norm: bool = False
+  head_batch_norm_decay: float = 0.99  # the RPN head's (Model Garden default)
   weight_decay: float = 1e-4
 
   def validate(self):
@@ -164,6 +165,9 @@ class DetectionConfig:
                  'block4_units', 'max_detections'):
       if getattr(self, name) < 1:
         problems.append(f'{name} must be positive, got {getattr(self, name)}')
+    if not 0 <= self.head_batch_norm_decay < 1:
+      problems.append(f'head_batch_norm_decay must be in [0, 1), got '
+                      f'{self.head_batch_norm_decay}')
     if self.crop_size < 2 or self.crop_size % 2:
       problems.append(f'crop_size must be even and >= 2 (it is max-pooled '
                       f'by 2), got {self.crop_size}')
@@ -288,7 +292,7 @@ def build_detector(trunk: resnet_lib.ResNetV2, num_classes: int,
           min_level=level, max_level=level,
           num_anchors_per_location=num_anchors, num_convs=1,
           num_filters=config.rpn_filters, kernel_regularizer=reg,
-          name='rpn_head'),
+          norm_momentum=config.head_batch_norm_decay, name='rpn_head'),
       detection_head=Block4BoxHead(
           trunk.scope, base_depth, config.block4_units, num_classes,
           config.train_batch_norm, config.weight_decay, name='box_head'),

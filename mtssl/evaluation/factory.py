@@ -13,12 +13,13 @@ paper-scale setting, e.g. ResNet-101 at 224x224 for the linear protocol.
 import dataclasses
 from typing import Dict, Optional, Sequence, Tuple
 
+from mtssl import evaluation
 from mtssl.data import synthetic
 from mtssl.evaluation import data as data_lib
 from mtssl.evaluation import runner
 from mtssl.evaluation import trunks
 
-PROTOCOLS = ('linear', 'depth', 'detection')
+PROTOCOLS = evaluation.PROTOCOLS
 KIND = {'linear': 'classification', 'depth': 'depth', 'detection': 'detection'}
 
 # Paper-scale defaults per protocol. Where the paper gives no number these
@@ -70,6 +71,7 @@ class EvaluationOptions:
   lasso_l1: Optional[float] = None
   weight_decay: Optional[float] = None
   train_batch_norm: Optional[bool] = None
+  head_batch_norm_decay: Optional[float] = None
   image_size: Optional[Tuple[int, int]] = None
   resize_size: Optional[int] = None
   num_classes: Optional[int] = None
@@ -156,7 +158,8 @@ def _protocol_config(name, options, defaults, image_size, lasso_l1,
     config = depth.DepthConfig(
         image_size=tuple(image_size), lasso_l1=lasso_l1,
         weight_decay=weight_decay, train_batch_norm=train_batch_norm,
-        **_overrides(options, ('min_depth', 'max_depth')))
+        **_overrides(options, ('min_depth', 'max_depth',
+                               'head_batch_norm_decay')))
     if options.upproj_filters is not None:
       config.upproj_filters = tuple(int(f) for f in options.upproj_filters)
   else:
@@ -172,7 +175,7 @@ def _protocol_config(name, options, defaults, image_size, lasso_l1,
             'short_side', 'scale_min', 'scale_max', 'rpn_filters',
             'num_proposals', 'num_sampled_rois', 'crop_size',
             'block4_base_depth', 'block4_checkpoint', 'max_detections',
-            'max_instances')))
+            'max_instances', 'head_batch_norm_decay')))
     if options.anchor_sizes is not None:
       config.anchor_sizes = tuple(float(a) for a in options.anchor_sizes)
     if options.aspect_ratios is not None:

@@ -275,18 +275,20 @@ class DetectionAccumulator:
       gt_per_image[image_id] = (boxes[keep], difficult[keep],
                                 np.zeros(int(np.sum(keep)), bool))
       npos += int(np.sum(~difficult[keep]))
+    dets = self.detections[cls]
+    unknown = {d[0] for d in dets} - set(gt_per_image)
+    if unknown:
+      shown = sorted(map(str, unknown))[:5]
+      raise MetricInputError(f'detections for image(s) {shown} that have no '
+                             f'ground-truth entry.')
     if npos == 0:
       return None
-    dets = self.detections[cls]
     scores = np.array([d[1] for d in dets], np.float64)
     order = np.argsort(-scores, kind='stable')
     tp = np.zeros(len(dets))
     fp = np.zeros(len(dets))
     for rank, i in enumerate(order):
       image_id, _, box = dets[i]
-      if image_id not in gt_per_image:
-        raise MetricInputError(f'detections for image {image_id!r}, which has '
-                               f'no ground truth entry.')
       gt_boxes, gt_difficult, detected = gt_per_image[image_id]
       if gt_boxes.shape[0]:
         overlaps = box_iou(box, gt_boxes)
