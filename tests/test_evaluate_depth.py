@@ -2,12 +2,12 @@
 
 import numpy as np
 import tensorflow as tf
-import tf_keras
 
 from mtssl.data import synthetic
 from mtssl.evaluation import data as data_lib
 from mtssl.evaluation import depth
 from mtssl.evaluation import factory
+from tests import eval_fixtures
 
 
 def tiny_options(model_dir, **overrides):
@@ -69,6 +69,23 @@ class SyntheticDepthTest(tf.test.TestCase):
     self.assertAllEqual(ex['depth'], expected)
     self.assertAllEqual(ex['image'], scene.image)
     self.assertTrue(np.any(expected == 0) and np.any(expected > 0))
+
+
+class TfdsNyuFormatTest(tf.test.TestCase):
+
+  def test_float16_depth_maps_read_as_metres(self):
+    data_dir = eval_fixtures.prepare_tiny_scenes(self.get_temp_dir() + '/tfds')
+    source = data_lib.make_labeled_source(
+        'depth', f'tfds:{eval_fixtures.TINY_SCENES_NAME}:train', 'eval',
+        data_dir)
+    source.validate()
+    values = set()
+    for ex in source.eval():
+      self.assertEqual(ex['depth'].dtype, tf.float32)
+      self.assertEqual(ex['depth'].shape, eval_fixtures.SCENE_SIZE)
+      self.assertAllEqual(ex['depth'][0], np.zeros(40))
+      values.add(float(ex['depth'][1, 0]))
+    self.assertEqual(values, {1.0, 2.0, 3.0, 4.0})
 
 
 class DepthEndToEndTest(tf.test.TestCase):

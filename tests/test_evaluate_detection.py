@@ -112,6 +112,23 @@ class InputTest(tf.test.TestCase):
     self.assertGreater(flipped, 0)
 
 
+class TfdsVocFormatTest(tf.test.TestCase):
+
+  def test_normalized_boxes_become_pixels_with_difficult_flags(self):
+    data_dir = eval_fixtures.prepare_tiny_scenes(self.get_temp_dir() + '/tfds')
+    source = data_lib.make_labeled_source(
+        'detection', f'tfds:{eval_fixtures.TINY_SCENES_NAME}:train', 'eval',
+        data_dir)
+    source.validate()
+    self.assertEqual(source.num_classes, 2)
+    examples = list(source.eval())
+    self.assertLen(examples, 4)
+    for ex in examples:
+      # The devkit's 1-based inclusive box rows 4..18, columns 5..24.
+      self.assertAllClose(ex['boxes'], [[3.0, 4.0, 18.0, 24.0]], atol=1e-4)
+      self.assertEqual(bool(ex['difficult'][0]), bool(ex['classes'][0] == 1))
+
+
 class Block4HeadTest(tf.test.TestCase):
 
   def test_slim_names_load_from_a_slim_checkpoint(self):

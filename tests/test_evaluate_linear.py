@@ -152,6 +152,28 @@ class LinearBadInputTest(tf.test.TestCase):
                                 r'range \[0, 3\)'):
       evaluation.run()
 
+  def test_folder_classes_and_skipped_files(self):
+    root = self.get_temp_dir() + '/classes'
+    for name, color in (('apple', 0), ('pear', 255)):
+      os.makedirs(os.path.join(root, name))
+      for i in range(2):
+        image = np.full([8, 8, 3], color, np.uint8)
+        tf.io.write_file(os.path.join(root, name, f'{i}.png'),
+                         tf.io.encode_png(image))
+    with open(os.path.join(root, 'pear', 'broken.jpg'), 'wb') as f:
+      f.write(b'not a jpeg')
+    source = data_lib.make_labeled_source('classification', 'folder:' + root)
+    source.validate()
+    self.assertEqual(source.class_names, ['apple', 'pear'])
+    examples = list(source.eval())
+    self.assertEqual([int(e['label']) for e in examples], [0, 0, 1, 1])
+    for ex in examples:
+      self.assertEqual(int(ex['image'][0, 0, 0]), 255 * int(ex['label']))
+    self.assertEqual(source.counter.problems(), {'skipped_corrupt': 1})
+    labels = [int(e['label']) for e in source.train(seed=0).take(10)]
+    # An epoch visits the 5 files once; the broken one leaves a gap.
+    self.assertEqual(sorted(labels[:4]), [0, 0, 1, 1])
+
   def test_folder_needs_class_folders_and_an_eval_split(self):
     root = self.get_temp_dir() + '/folder'
     os.makedirs(root + '/cat')

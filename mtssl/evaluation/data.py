@@ -532,6 +532,16 @@ def data_error_message(error: tf.errors.OpError) -> str:
   return text.strip().splitlines()[0]
 
 
+def check_num_classes(sources: Sequence[LabeledSource], num_classes: int,
+                      what: str = 'num_classes') -> None:
+  """Raises DataSourceError if a source declares more than num_classes."""
+  for source in sources:
+    n = source.num_classes
+    if n is not None and num_classes is not None and n > num_classes:
+      raise DataSourceError(f'{source.name} has {n} classes but {what} is '
+                            f'{num_classes}.')
+
+
 def describe(source: LabeledSource) -> Dict[str, object]:
   """What a metrics report records about a source."""
   out = {'name': source.name, 'kind': source.kind}

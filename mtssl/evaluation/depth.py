@@ -228,27 +228,11 @@ class DepthProtocol(runner.Protocol):
   """Fine-tuned trunk + up-projection decoder (section 5, NYUv2 depth)."""
 
   name = 'depth'
+  data_kind = 'depth'
   paper_columns = ('Tables 5-8: Pct. < 1.25 / 1.25^2 / 1.25^3, Mean Absolute '
                    'Error, Mean Relative Error; Tables 1-4: NYU (Pct. < 1.25)')
   headline = 'delta1'
-
-  def __init__(self, config: DepthConfig, trunk: resnet_lib.ResNetV2,
-               train_source: data_lib.LabeledSource,
-               eval_source: data_lib.LabeledSource):
-    self.config = config
-    self.trunk = trunk
-    self.train_source = train_source
-    self.eval_source = eval_source
-    self.head = None
-
-  def validate(self):
-    self.config.validate()
-    for source in (self.train_source, self.eval_source):
-      if source.kind != 'depth':
-        raise data_lib.DataSourceError(
-            f'{source.name} is a {source.kind} dataset; the depth protocol '
-            f'needs depth data.')
-      source.validate()
+  head = None  # built by build()
 
   # Data -------------------------------------------------------------------
   def _image(self, image):
@@ -351,14 +335,5 @@ class DepthProtocol(runner.Protocol):
     return (f'| {label} | {m["delta1"]:.2f} | {m["delta2"]:.2f} | '
             f'{m["delta3"]:.2f} | {m["mae"]:.3f} | {m["rel"]:.3f} |')
 
-  def describe(self):
-    out = dataclasses.asdict(self.config)
-    out['train_data'] = data_lib.describe(self.train_source)
-    out['eval_data'] = data_lib.describe(self.eval_source)
-    if self.head is not None and self.head.lasso is not None:
-      out['lasso_alpha'] = np.asarray(self.head.lasso.alpha).tolist()
-    return out
-
-  def data_problems(self):
-    return {s.name: s.counter.problems()
-            for s in (self.train_source, self.eval_source)}
+  def lasso_layer(self):
+    return None if self.head is None else self.head.lasso

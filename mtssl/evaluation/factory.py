@@ -249,12 +249,7 @@ def make_evaluation(protocol: str, options: EvaluationOptions) -> Evaluation:
   train_source.validate()
   eval_source.validate()
   if protocol in ('linear', 'detection'):
-    n = options.num_classes
-    for source in (train_source, eval_source):
-      if n is not None and source.num_classes is not None and (
-          source.num_classes > n):
-        raise data_lib.DataSourceError(
-            f'{source.name} has {source.num_classes} classes but '
-            f'--num_classes is {n}.')
+    data_lib.check_num_classes((train_source, eval_source),
+                               options.num_classes, '--num_classes')
   return Evaluation(protocol, options, run_config, trunk_spec, config,
                     train_source, eval_source)

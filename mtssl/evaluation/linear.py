@@ -44,9 +44,8 @@ What is implemented, and the choices the paper leaves open:
 
 import dataclasses
 import math
-from typing import Dict, Optional
+from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 import tf_keras
 
@@ -140,40 +139,16 @@ class LinearProtocol(runner.Protocol):
   """Frozen trunk + linear softmax classifier (section 5, ImageNet frozen)."""
 
   name = 'linear'
+  data_kind = 'classification'
   paper_columns = ('Table 1: ImageNet top1 / top5 (Ours); Tables 2-4: '
                    'ImageNet (top-5)')
   headline = 'top5'
-
-  def __init__(self, config: LinearConfig, trunk: resnet_lib.ResNetV2,
-               train_source: data_lib.LabeledSource,
-               eval_source: data_lib.LabeledSource):
-    self.config = config
-    self.trunk = trunk
-    self.train_source = train_source
-    self.eval_source = eval_source
-    self.head = None
+  head = None  # built by build()
 
   # Data -------------------------------------------------------------------
   def validate(self):
-    self.config.validate()
-    for source in (self.train_source, self.eval_source):
-      if source.kind != 'classification':
-        raise data_lib.DataSourceError(
-            f'{source.name} is a {source.kind} dataset; the linear protocol '
-            f'needs classification data.')
-      source.validate()
-    train_n = self.train_source.num_classes
-    eval_n = self.eval_source.num_classes
-    if self.config.num_classes is None:
-      self.config.num_classes = train_n
-    if train_n is not None and train_n > self.config.num_classes:
-      raise data_lib.DataSourceError(
-          f'{self.train_source.name} has {train_n} classes but num_classes is '
-          f'{self.config.num_classes}.')
-    if eval_n is not None and eval_n > self.config.num_classes:
-      raise data_lib.DataSourceError(
-          f'{self.eval_source.name} has {eval_n} classes but num_classes is '
-          f'{self.config.num_classes}.')
+    super().validate()
+    self.resolve_num_classes()
     train_names = self.train_source.class_names
     eval_names = self.eval_source.class_names
     if train_names and eval_names and train_names != eval_names:
@@ -269,17 +244,8 @@ class LinearProtocol(runner.Protocol):
   def table_row(self, label, metrics):
     return f'| {label} | {metrics["top1"]:.2f} | {metrics["top5"]:.2f} |'
 
-  def describe(self):
-    out = dataclasses.asdict(self.config)
-    out['train_data'] = data_lib.describe(self.train_source)
-    out['eval_data'] = data_lib.describe(self.eval_source)
-    if self.head is not None and self.head.lasso is not None:
-      out['lasso_alpha'] = np.asarray(self.head.lasso.alpha).tolist()
-    return out
-
-  def data_problems(self):
-    return {s.name: s.counter.problems()
-            for s in (self.train_source, self.eval_source)}
+  def lasso_layer(self):
+    return None if self.head is None else self.head.lasso
 
 
 def _first_difference(a, b):

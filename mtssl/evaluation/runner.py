@@ -113,17 +113,51 @@ def make_optimizer(config: RunConfig):
 
 
 class Protocol(abc.ABC):
-  """One evaluation protocol: data, model, loss, metrics, table row."""
+  """One evaluation protocol: data, model, loss, metrics, table row.
+
+  Subclasses are built from (config dataclass with `validate()`, trunk,
+  training source, evaluation source) and add their model and metrics.
+  """
 
   name: str = ''
+  # The kind of labeled data it needs (mtssl.evaluation.data.KINDS).
+  data_kind: str = ''
   # The paper's table columns this protocol fills, for the report.
   paper_columns: str = ''
   # Key of the headline metric in the metrics dict.
   headline: str = ''
 
-  @abc.abstractmethod
+  def __init__(self, config, trunk, train_source: data_lib.LabeledSource,
+               eval_source: data_lib.LabeledSource):
+    self.config = config
+    self.trunk = trunk
+    self.train_source = train_source
+    self.eval_source = eval_source
+
+  @property
+  def sources(self):
+    return (self.train_source, self.eval_source)
+
   def validate(self) -> None:
-    """Checks data and settings; raises DataSourceError / ValueError."""
+    """Checks settings and data; raises DataSourceError / ValueError."""
+    self.config.validate()
+    for source in self.sources:
+      if source.kind != self.data_kind:
+        raise data_lib.DataSourceError(
+            f'{source.name} is a {source.kind} dataset; the {self.name} '
+            f'protocol needs {self.data_kind} data.')
+      source.validate()
+
+  def resolve_num_classes(self) -> int:
+    """config.num_classes, defaulting to the training data's; checked."""
+    if self.config.num_classes is None:
+      self.config.num_classes = self.train_source.num_classes
+    data_lib.check_num_classes(self.sources, self.config.num_classes)
+    return self.config.num_classes
+
+  def lasso_layer(self):
+    """The evaluation task's UnitLasso, once built, or None."""
+    return None
 
   @abc.abstractmethod
   def train_dataset(self, seed: int, start: int,
@@ -173,10 +207,18 @@ class Protocol(abc.ABC):
     """The metrics as a row of the paper's table(s)."""
 
   def describe(self) -> Dict[str, object]:
-    return {}
+    """The protocol's settings, data and learned lasso weights, for reports."""
+    out = dataclasses.asdict(self.config)
+    out['train_data'] = data_lib.describe(self.train_source)
+    out['eval_data'] = data_lib.describe(self.eval_source)
+    lasso = self.lasso_layer()
+    if lasso is not None:
+      out['lasso_alpha'] = np.asarray(lasso.alpha).tolist()
+    return out
 
   def data_problems(self) -> Dict[str, Dict[str, int]]:
-    return {}
+    """Skipped / converted examples per source, by reason."""
+    return {s.name: s.counter.problems() for s in self.sources}
 
 
 def _next_batch(iterator):
