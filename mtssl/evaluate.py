@@ -67,7 +67,8 @@ flags.DEFINE_float('lasso_l1', None, 'Feed the protocol a lasso combination '
 flags.DEFINE_float('weight_decay', None, 'L2 weight decay (Slim form) of the '
                    'trained layers.')
 flags.DEFINE_enum('batch_norm', None, ['train', 'frozen'], 'Batch norm of '
-                  'fine-tuned layers (default: depth train, detection frozen).')
+                  'the fine-tuned trunk (default: depth train; detection '
+                  'frozen for a pre-trained trunk, train for a random one).')
 flags.DEFINE_float('head_batch_norm_decay', None, 'depth, detection: '
                    'moving-average decay of the new heads\' batch norms '
                    '(default 0.99).')

@@ -112,7 +112,7 @@ class DepthEndToEndTest(tf.test.TestCase):
   def test_lasso_and_output_stride_16_run(self):
     options = tiny_options(self.get_temp_dir() + '/lasso', lasso_l1=1e-3,
                            output_stride=16, train_steps=3,
-                           train_batch_norm=True)
+                           train_batch_norm=True, synthetic_eval_examples=8)
     evaluation = factory.make_evaluation('depth', options)
     report = evaluation.run()
     alpha = np.array(report['protocol_config']['lasso_alpha'])

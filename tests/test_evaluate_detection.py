@@ -18,6 +18,7 @@ def tiny_options(model_dir, **overrides):
       anchor_sizes=(16.0, 32.0, 64.0), rpn_filters=64, num_proposals=64,
       num_sampled_rois=32, crop_size=8, block4_base_depth=16,
       max_instances=8, max_detections=20, head_batch_norm_decay=0.9,
+      train_batch_norm=False,
       train_steps=4, batch_size=4, eval_batch_size=20, optimizer='rmsprop',
       learning_rate=1e-3, synthetic_classes=3, synthetic_max_objects=3,
       synthetic_train_examples=500, synthetic_eval_examples=100,
@@ -173,7 +174,8 @@ class DetectionEndToEndTest(tf.test.TestCase):
 
   def test_lasso_runs(self):
     report = factory.make_evaluation('detection', tiny_options(
-        self.get_temp_dir() + '/lasso', lasso_l1=1e-3, train_steps=3)).run()
+        self.get_temp_dir() + '/lasso', lasso_l1=1e-3, train_steps=3,
+        synthetic_eval_examples=8, eval_batch_size=8)).run()
     alpha = np.array(report['protocol_config']['lasso_alpha'])
     self.assertAllClose(np.sum(alpha**2), 1.0, atol=1e-5)
     self.assertNotAllClose(alpha, [0.0, 0.0, 1.0])

@@ -90,6 +90,11 @@ class LinearEndToEndTest(tf.test.TestCase):
     for name in a:
       self.assertAllClose(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
     self.assertEqual(whole['metrics'], resumed['metrics'])
+    # The same directory for a different model is refused, not half-loaded.
+    with self.assertRaisesRegex(runner.EvaluationError,
+                                r'holds checkpoint .*ckpt-6 of another run'):
+      factory.make_evaluation('linear', tiny_options(
+          base + '/parts', train_steps=8, lasso_l1=0.0)).run()
 
   def test_lasso_learns_unit_weights(self):
     report = factory.make_evaluation('linear', tiny_options(

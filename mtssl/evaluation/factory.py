@@ -40,7 +40,9 @@ PROTOCOL_DEFAULTS = {
                       eval_batch_size=4, optimizer='rmsprop',
                       learning_rate=1e-4, lr_decay_steps=80000,
                       lr_decay_rate=0.1, weight_decay=1e-4,
-                      train_batch_norm=False),
+                      # None: frozen for a pre-trained trunk, trained for a
+                      # random one (which has no statistics to freeze).
+                      train_batch_norm=None),
 }
 
 
@@ -220,10 +222,14 @@ def make_evaluation(protocol: str, options: EvaluationOptions) -> Evaluation:
   if len(image_size) != 2:
     raise ValueError(f'image_size must be one size or height,width; got '
                      f'{image_size}.')
+  train_batch_norm = _pick(options.train_batch_norm,
+                           defaults['train_batch_norm'])
+  if train_batch_norm is None:
+    train_batch_norm = not trunk_spec.init_checkpoint
   config = _protocol_config(
       protocol, options, defaults, image_size, options.lasso_l1,
       _pick(options.weight_decay, defaults['weight_decay']),
-      _pick(options.train_batch_norm, defaults['train_batch_norm']))
+      train_batch_norm)
 
   kind = KIND[protocol]
   if options.synthetic_size is not None:

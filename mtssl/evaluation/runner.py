@@ -251,8 +251,7 @@ def _scalar_metrics(metrics, prefix=''):
   for key, value in metrics.items():
     if isinstance(value, dict):
       yield from _scalar_metrics(value, f'{prefix}{key}/')
-    elif isinstance(value, (int, float, np.floating, np.integer)) and (
-        value is not None):
+    elif isinstance(value, (int, float, np.floating, np.integer)):
       yield f'{prefix}{key}', float(value)
 
 
@@ -308,7 +307,14 @@ def run(protocol: Protocol, config: RunConfig,
       checkpoint, os.path.join(config.model_dir, 'checkpoints'),
       max_to_keep=2)
   if manager.latest_checkpoint:
-    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    try:
+      checkpoint.restore(
+          manager.latest_checkpoint).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+      raise EvaluationError(
+          f'{config.model_dir} holds checkpoint {manager.latest_checkpoint} '
+          f'of another run ({str(e).splitlines()[0][:300]}); give a new '
+          f'--model_dir.') from None
     logging.info('Resumed from %s at step %d.', manager.latest_checkpoint,
                  int(step_var))
 
