@@ -255,9 +255,7 @@ class DepthProtocol(runner.Protocol):
       return {'index': ex['index'],
               'image': preprocessing.vgg_preprocess(image), 'depth': depth}
 
-    ds = self.train_source.train(seed, start).map(
-        _example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size, drop_remainder=True).prefetch(2)
+    return self.batched_train(_example, seed, start, batch_size)
 
   def eval_dataset(self, batch_size):
     def _example(ex):
@@ -265,9 +263,7 @@ class DepthProtocol(runner.Protocol):
               'image': preprocessing.vgg_preprocess(self._image(ex['image'])),
               'depth': ex['depth']}
 
-    ds = self.eval_source.eval().map(
-        _example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size).prefetch(2)
+    return self.batched_eval(_example, batch_size)
 
   # Model ------------------------------------------------------------------
   def build(self, batch):

@@ -176,9 +176,7 @@ class LinearProtocol(runner.Protocol):
               'image': preprocessing.vgg_preprocess(image),
               'label': self._check(ex)}
 
-    ds = self.train_source.train(seed, start).map(
-        _example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size, drop_remainder=True).prefetch(2)
+    return self.batched_train(_example, seed, start, batch_size)
 
   def eval_dataset(self, batch_size):
     c = self.config
@@ -193,9 +191,7 @@ class LinearProtocol(runner.Protocol):
               'image': preprocessing.vgg_preprocess(image),
               'label': self._check(ex)}
 
-    ds = self.eval_source.eval().map(
-        _example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size).prefetch(2)
+    return self.batched_eval(_example, batch_size)
 
   # Model ------------------------------------------------------------------
   def build(self, batch):

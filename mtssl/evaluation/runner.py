@@ -159,6 +159,19 @@ class Protocol(abc.ABC):
     """The evaluation task's UnitLasso, once built, or None."""
     return None
 
+  def batched_train(self, example_fn, seed: int, start: int,
+                    batch_size: int) -> tf.data.Dataset:
+    """The training stream mapped by example_fn, in full batches."""
+    ds = self.train_source.train(seed, start).map(
+        example_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(2)
+
+  def batched_eval(self, example_fn, batch_size: int) -> tf.data.Dataset:
+    """The evaluation split mapped by example_fn, batched (last partial)."""
+    ds = self.eval_source.eval().map(
+        example_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(2)
+
   @abc.abstractmethod
   def train_dataset(self, seed: int, start: int,
                     batch_size: int) -> tf.data.Dataset:
