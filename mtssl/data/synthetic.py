@@ -243,11 +243,20 @@ def _draw_object(rng, image, depth, instances, cls, obj_id, bottom_y, center_x,
 
 
 def render_scene(seed: int, index: int, height: int = 256, width: int = 256,
-                 max_objects: int = 8, min_objects: int = 1) -> Scene:
-  """Renders scene `index` of the stream `seed` at height x width."""
+                 max_objects: int = 8, min_objects: int = 1,
+                 num_classes: int = NUM_CLASSES) -> Scene:
+  """Renders scene `index` of the stream `seed` at height x width.
+
+  `num_classes` < NUM_CLASSES draws objects from the first `num_classes`
+  classes only (e.g. a small detection problem); at the default every scene
+  is the same as without the argument.
+  """
   if height < 16 or width < 16:
     raise ValueError(f'Synthetic scenes need at least 16x16 pixels, got '
                      f'{height}x{width}.')
+  if not 1 <= num_classes <= NUM_CLASSES:
+    raise ValueError(f'num_classes must be in 1..{NUM_CLASSES}, got '
+                     f'{num_classes}.')
   rng = _rng(seed, index)
   horizon = rng.uniform(0.25, 0.55) * height
   image, depth = _sky_and_ground(rng, height, width, horizon)
@@ -256,7 +265,7 @@ def render_scene(seed: int, index: int, height: int = 256, width: int = 256,
   # A "hero" object of a uniformly drawn class stands near the camera, so
   # every class is equally often the most prominent one (the scene label);
   # the others stand farther away. Painting goes from far to near.
-  classes = rng.integers(0, NUM_CLASSES, n)
+  classes = rng.integers(0, num_classes, n)
   hero_bottom = rng.uniform(0.85, 1.1) * height
   bottoms = np.concatenate([
       rng.uniform(horizon + 0.06 * height, hero_bottom * 0.95, n - 1),

@@ -1,0 +1,7 @@
+"""Evaluation of a pre-trained trunk: the paper's three protocols (section 5).
+
+Importing this package is cheap (no TensorFlow); the modules are:
+metrics, data, augment, trunks, runner, linear, depth, detection, factory.
+"""
+
+PROTOCOLS = ('linear', 'depth', 'detection')

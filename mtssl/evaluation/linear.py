@@ -1,0 +1,251 @@
+"""ImageNet with frozen weights: a linear classifier on block-3 features.
+
+Paper, section 5: "We add a single linear classification layer (a softmax) to
+the network at the end of block 3 ... keep all pre-trained weights frozen ...
+The training set is augmented in translation and color ... during evaluation,
+we don't use multi-crop or mirroring augmentation ... use only the output of
+the final unit of block 3, and use max pooling to obtain a 3 x 3 x 1024
+feature vector, which is flattened and used as the input to the one-layer
+classifier. For the lasso experiments ... a weighted combination of the
+(frozen) features from all block 3 layers, and we learn the weight for each
+layer." Top-1 and top-5 accuracy on the validation split.
+
+What is implemented, and the choices the paper leaves open:
+
+* The trunk runs in inference mode (batch-norm moving statistics) and no
+  gradient reaches it; only the linear layer (and, with the lasso, the
+  evaluation task's alpha over the block-3 units, mtssl.lasso.UnitLasso)
+  train.
+* "Max pooling to 3 x 3" is an adaptive max pool: the feature map is split
+  into 3 x 3 bins, bin i of n covering rows floor(i*H/n) .. ceil((i+1)*H/n)
+  (the same on columns), each reduced by max. For the default 224 x 224 crop
+  at output stride 8 (28 x 28 x 1024) the bins are 10 x 10 with overlaps of
+  one row/column, and the classifier sees 9216 features.
+* Training augmentation, "translation and color": resize the shorter side to
+  `resize_size` (256), a random `image_size` (224) crop, then Inception's
+  color distortion (brightness +-32/255, saturation 0.5-1.5, hue +-0.2,
+  contrast 0.5-1.5, in that order, clipped). No mirroring (the paper names
+  translation and color only). Evaluation: the same resize and one central
+  crop. All randomness is stateless, keyed by (seed, stream position).
+* The classifier is a Dense layer (Glorot-uniform weights, zero bias) with
+  Slim-form L2 weight decay `weight_decay` on its weights; softmax
+  cross-entropy. Its input is standardized per feature by a batch norm
+  without learned scale or offset (`feature_norm`, on by default): at
+  evaluation that is a fixed affine map of the frozen features, so the
+  classifier stays one linear layer, but the optimization no longer depends
+  on the raw feature scale, which differs by orders of magnitude between
+  trunks (block-3 features of a randomly initialised trunk have a standard
+  deviation of ~300; measured: a linear layer on the raw features of the
+  tiny trunk stays at chance after 200 steps, on the standardized ones it
+  learns).
+* A label outside [0, num_classes) stops the run with an error naming the
+  example (num_classes defaults to the dataset's).
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+import tensorflow as tf
+import tf_keras
+
+from mtssl import lasso as lasso_lib
+from mtssl import preprocessing
+from mtssl.backbones import resnet_v2 as resnet_lib
+from mtssl.evaluation import augment
+from mtssl.evaluation import data as data_lib
+from mtssl.evaluation import metrics as metrics_lib
+from mtssl.evaluation import runner
+
+
+@dataclasses.dataclass
+class LinearConfig:
+  num_classes: Optional[int] = None  # None: the training dataset's
+  image_size: int = 224
+  resize_size: int = 256
+  pool_size: int = 3
+  lasso_l1: Optional[float] = None   # None: block-3 output, else lasso
+  weight_decay: float = 0.0
+  color_augment: bool = True
+  feature_norm: bool = True
+
+  def validate(self):
+    if self.image_size < 16:
+      raise ValueError(f'image_size must be >= 16, got {self.image_size}.')
+    if self.resize_size < self.image_size:
+      raise ValueError(f'resize_size ({self.resize_size}) must be >= '
+                       f'image_size ({self.image_size}).')
+    if self.pool_size < 1:
+      raise ValueError(f'pool_size must be >= 1, got {self.pool_size}.')
+    if self.num_classes is not None and self.num_classes < 2:
+      raise ValueError(f'num_classes must be >= 2, got {self.num_classes}.')
+    if self.lasso_l1 is not None and self.lasso_l1 < 0:
+      raise ValueError(f'lasso_l1 must be >= 0, got {self.lasso_l1}.')
+    if self.weight_decay < 0:
+      raise ValueError(f'weight_decay must be >= 0, got {self.weight_decay}.')
+
+
+def adaptive_max_pool(features: tf.Tensor, size: int) -> tf.Tensor:
+  """Max-pools [B, H, W, C] to [B, size, size, C] over floor/ceil bins."""
+  height, width = features.shape[1], features.shape[2]
+  if height is None or width is None:
+    raise ValueError(f'adaptive_max_pool needs a static spatial shape, got '
+                     f'{features.shape}.')
+
+  def bins(n):
+    return [(math.floor(i * n / size), math.ceil((i + 1) * n / size))
+            for i in range(size)]
+
+  rows = []
+  for y0, y1 in bins(height):
+    cols = [tf.reduce_max(features[:, y0:y1, x0:x1, :], axis=[1, 2])
+            for x0, x1 in bins(width)]
+    rows.append(tf.stack(cols, axis=1))
+  return tf.stack(rows, axis=1)
+
+
+class LinearHead(tf_keras.Model):
+  """[lasso over block-3 units ->] adaptive max pool -> flatten -> softmax layer."""
+
+  def __init__(self, num_classes, pool_size, unit_names=None, lasso_l1=None,
+               weight_decay=0.0, feature_norm=True, **kwargs):
+    super().__init__(**kwargs)
+    self.pool_size = pool_size
+    # Standardization only (no learned scale or offset): at evaluation it is
+    # a fixed affine map, which the linear layer absorbs.
+    self.feature_norm = (tf_keras.layers.BatchNormalization(
+        center=False, scale=False, momentum=0.99, epsilon=1e-3,
+        name='feature_norm') if feature_norm else None)
+    self.lasso = (lasso_lib.UnitLasso(unit_names, lasso_l1, name='lasso_eval')
+                  if lasso_l1 is not None else None)
+    self.classifier = tf_keras.layers.Dense(
+        num_classes, name='logits',
+        kernel_regularizer=(resnet_lib.slim_l2(weight_decay)
+                            if weight_decay else None))
+
+  def call(self, end_points, output_name, training=None):
+    if self.lasso is not None:
+      features = self.lasso(end_points)
+    else:
+      features = end_points[output_name]
+    pooled = adaptive_max_pool(features, self.pool_size)
+    flat = tf.reshape(pooled, [tf.shape(pooled)[0], -1])
+    if self.feature_norm is not None:
+      flat = self.feature_norm(flat, training=training)
+    return self.classifier(flat)
+
+
+class LinearProtocol(runner.Protocol):
+  """Frozen trunk + linear softmax classifier (section 5, ImageNet frozen)."""
+
+  name = 'linear'
+  data_kind = 'classification'
+  paper_columns = ('Table 1: ImageNet top1 / top5 (Ours); Tables 2-4: '
+                   'ImageNet (top-5)')
+  headline = 'top5'
+  head = None  # built by build()
+
+  # Data -------------------------------------------------------------------
+  def validate(self):
+    super().validate()
+    self.resolve_num_classes()
+    train_names = self.train_source.class_names
+    eval_names = self.eval_source.class_names
+    if train_names and eval_names and train_names != eval_names:
+      raise data_lib.DataSourceError(
+          f'The training data {self.train_source.name} and the evaluation '
+          f'data {self.eval_source.name} name their classes differently '
+          f'(first difference: {_first_difference(train_names, eval_names)}).')
+
+  def _check(self, ex):
+    label = data_lib.assert_class_range(ex['label'], self.config.num_classes,
+                                        ex['index'])
+    return label
+
+  def train_dataset(self, seed, start, batch_size):
+    c = self.config
+
+    def _example(ex):
+      key = augment.example_seed(seed, ex['index'])
+      image = augment.resize_shorter_side(ex['image'], c.resize_size)
+      image = tf.image.stateless_random_crop(
+          image, [c.image_size, c.image_size, 3], augment.fold(key, 0))
+      if c.color_augment:
+        image = augment.distort_color(image, key)
+      return {'index': ex['index'],
+              'image': preprocessing.vgg_preprocess(image),
+              'label': self._check(ex)}
+
+    return self.batched_train(_example, seed, start, batch_size)
+
+  def eval_dataset(self, batch_size):
+    c = self.config
+
+    def _example(ex):
+      image = augment.resize_shorter_side(ex['image'], c.resize_size)
+      shape = tf.shape(image)
+      image = tf.image.crop_to_bounding_box(
+          image, (shape[0] - c.image_size) // 2, (shape[1] - c.image_size) // 2,
+          c.image_size, c.image_size)
+      return {'index': ex['index'],
+              'image': preprocessing.vgg_preprocess(image),
+              'label': self._check(ex)}
+
+    return self.batched_eval(_example, batch_size)
+
+  # Model ------------------------------------------------------------------
+  def build(self, batch):
+    c = self.config
+    self.head = LinearHead(
+        c.num_classes, c.pool_size,
+        unit_names=self.trunk.unit_names(self.trunk.block_specs[-1].scope),
+        lasso_l1=c.lasso_l1, weight_decay=c.weight_decay,
+        feature_norm=c.feature_norm, name='linear_head')
+    self._logits(batch, training=False)
+
+  def _logits(self, batch, training):
+    end_points = self.trunk(batch['image'], training=False)
+    end_points = {k: tf.stop_gradient(v) for k, v in end_points.items()}
+    return self.head(end_points, self.trunk.output_name, training=training)
+
+  @property
+  def checkpoint_items(self):
+    return {'backbone': self.trunk, 'head': self.head}
+
+  def trainable_variables(self):
+    return list(self.head.trainable_variables)
+
+  def losses(self, batch):
+    logits = self._logits(batch, training=True)
+    loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=batch['label'], logits=logits))
+    reg = tf.add_n([tf.constant(0.0)] + list(self.head.losses))
+    return {'classification': loss, 'regularization': reg,
+            'total': loss + reg}
+
+  def predict(self, batch):
+    return {'logits': self._logits(batch, training=False)}
+
+  # Metrics ----------------------------------------------------------------
+  def new_accumulator(self):
+    return metrics_lib.TopKAccumulator((1, 5))
+
+  def accumulate(self, accumulator, batch, outputs):
+    accumulator.update(outputs['logits'], batch['label'])
+
+  def chance(self):
+    n = self.config.num_classes
+    return {'top1': 100.0 / n, 'top5': 100.0 * min(5, n) / n}
+
+  def table_row(self, label, metrics):
+    return f'| {label} | {metrics["top1"]:.2f} | {metrics["top5"]:.2f} |'
+
+  def lasso_layer(self):
+    return None if self.head is None else self.head.lasso
+
+
+def _first_difference(a, b):
+  for i, (x, y) in enumerate(zip(a, b)):
+    if x != y:
+      return f'class {i}: {x!r} vs {y!r}'
+  return f'{len(a)} vs {len(b)} classes'

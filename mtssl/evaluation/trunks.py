@@ -1,0 +1,149 @@
+"""Where an evaluation gets its pre-trained trunk from.
+
+A `TrunkProvider` builds the named trunk (mtssl.backbones.resnet_v2) at the
+requested output stride and fills in its weights. The protocols only see the
+resulting `ResNetV2`, so a new kind of pre-trained artefact is a new provider
+registered in `make_trunk_provider`, and nothing else changes.
+
+`CheckpointTrunkProvider` reads, by what the checkpoint holds:
+
+* a TF2 object checkpoint with a `backbone` key — written by
+  tools/convert_slim_checkpoint.py or by the trainer — through
+  `slim_checkpoint.restore_trunk`;
+* a TF-Slim checkpoint (variables named `<scope>/block1/unit_1/...`, e.g. the
+  released multi-task model) directly through
+  `slim_checkpoint.load_slim_checkpoint`, without a conversion step;
+* nothing (`init_checkpoint` None): the trunk keeps its random Slim
+  initialisation, seeded — the paper's "random init" baseline.
+
+A checkpoint of another architecture (other depth, other widths, another
+trunk preset) is a `TrunkLoadError` that says which checkpoint and trunk
+disagree and how.
+"""
+
+import abc
+import dataclasses
+import os
+import re
+from typing import Dict, Optional
+
+import tensorflow as tf
+
+from mtssl.backbones import resnet_v2 as resnet_lib
+from mtssl.backbones import slim_checkpoint
+
+
+class TrunkLoadError(ValueError):
+  """The trunk cannot be built or its weights do not fit; says why."""
+
+
+@dataclasses.dataclass
+class TrunkSpec:
+  name: str = 'resnet_v2_101'
+  output_stride: Optional[int] = 8
+  init_checkpoint: Optional[str] = None
+  seed: int = 0
+
+
+def checkpoint_exists(path: str) -> bool:
+  if tf.io.gfile.isdir(path):
+    return tf.train.latest_checkpoint(path) is not None
+  return tf.io.gfile.exists(path + '.index') or tf.io.gfile.exists(path)
+
+
+def validate_trunk_spec(spec: TrunkSpec) -> None:
+  """Checks the trunk name, output stride and checkpoint path up front."""
+  if spec.name not in resnet_lib.TRUNK_BLOCKS:
+    raise TrunkLoadError(f'Unknown trunk {spec.name!r}; choose one of '
+                         f'{", ".join(sorted(resnet_lib.TRUNK_BLOCKS))}.')
+  try:
+    resnet_lib.plan_units(resnet_lib.TRUNK_BLOCKS[spec.name](),
+                          spec.output_stride)
+  except ValueError as e:
+    raise TrunkLoadError(f'Trunk {spec.name}: {e}') from None
+  if spec.init_checkpoint and not checkpoint_exists(spec.init_checkpoint):
+    raise TrunkLoadError(
+        f'Checkpoint {spec.init_checkpoint!r} does not exist (expected a '
+        f'checkpoint prefix with a .index file, or a directory holding one).')
+
+
+class TrunkProvider(abc.ABC):
+  """Builds a trunk with its weights."""
+
+  def __init__(self, spec: TrunkSpec):
+    self.spec = spec
+
+  @abc.abstractmethod
+  def build(self) -> resnet_lib.ResNetV2:
+    """The trunk, built (variables exist) and initialised."""
+
+  def describe(self) -> Dict[str, object]:
+    return {'trunk': self.spec.name, 'output_stride': self.spec.output_stride,
+            'init_checkpoint': self.spec.init_checkpoint or None}
+
+
+_UNIT_KEY = re.compile(r'^' + slim_checkpoint.CONVERTED_PREFIX +
+                       r'/units/(\d+)/')
+
+
+def _checkpoint_kind(path: str):
+  """('object', number of trunk units) or ('slim', None); else raises."""
+  if tf.io.gfile.isdir(path):
+    path = tf.train.latest_checkpoint(path) or path
+  try:
+    names = [n for n, _ in tf.train.list_variables(path)]
+  except (tf.errors.OpError, ValueError) as e:
+    raise TrunkLoadError(f'Cannot read checkpoint {path!r}: '
+                         f'{str(e).splitlines()[0]}') from None
+  if any(n.startswith(slim_checkpoint.CONVERTED_PREFIX + '/') for n in names):
+    units = {int(m.group(1)) for m in map(_UNIT_KEY.match, names) if m}
+    return 'object', len(units)
+  if any('/bottleneck_v2/' in n for n in names):
+    return 'slim', None
+  raise TrunkLoadError(
+      f'Checkpoint {path!r} holds neither a `backbone` trunk (converted or '
+      f'trainer checkpoint) nor TF-Slim ResNet-v2 variables; it has e.g. '
+      f'{names[:3]}.')
+
+
+class CheckpointTrunkProvider(TrunkProvider):
+  """A trunk from a checkpoint (object or Slim), or randomly initialised."""
+
+  def build(self):
+    spec = self.spec
+    validate_trunk_spec(spec)
+    tf.random.set_seed(spec.seed)
+    trunk = resnet_lib.trunk_from_name(spec.name, spec.output_stride)
+    trunk.build_for_input()
+    if not spec.init_checkpoint:
+      return trunk
+    kind, num_units = _checkpoint_kind(spec.init_checkpoint)
+    # A deeper trunk's checkpoint holds every variable a shallower one of the
+    # same widths needs (resnet_v2_101 -> resnet_v2_50): count the units.
+    if kind == 'object' and num_units != len(trunk.units):
+      raise TrunkLoadError(
+          f'--init_checkpoint {spec.init_checkpoint!r} holds a trunk of '
+          f'{num_units} bottleneck units, but trunk {spec.name} has '
+          f'{len(trunk.units)}; it is another architecture.')
+    try:
+      if kind == 'object':
+        slim_checkpoint.restore_trunk(trunk, spec.init_checkpoint)
+      else:
+        slim_checkpoint.load_slim_checkpoint(trunk, spec.init_checkpoint)
+    except slim_checkpoint.SlimCheckpointError as e:
+      raise TrunkLoadError(f'--init_checkpoint: {e}') from None
+    return trunk
+
+
+def make_trunk_provider(spec: TrunkSpec) -> TrunkProvider:
+  """The provider for a specification (checkpoints; more kinds plug in here)."""
+  return CheckpointTrunkProvider(spec)
+
+
+def describe_checkpoint(path: Optional[str]) -> str:
+  """A short row label for a checkpoint path (its directory and prefix)."""
+  if not path:
+    return 'Random init'
+  path = os.path.normpath(path)
+  return os.path.join(os.path.basename(os.path.dirname(path)),
+                      os.path.basename(path))
