@@ -26,19 +26,6 @@ def tiny_options(model_dir, **overrides):
   return factory.EvaluationOptions(**options)
 
 
-class AdaptiveMaxPoolTest(tf.test.TestCase):
-
-  def test_bins_floor_ceil(self):
-    x = tf.reshape(tf.range(25, dtype=tf.float32), [1, 5, 5, 1])
-    # Bins of 5 in 3: rows/cols [0, 2), [1, 4), [3, 5).
-    expected = np.array([[6, 8, 9], [16, 18, 19], [21, 23, 24]], np.float32)
-    self.assertAllEqual(linear.adaptive_max_pool(x, 3)[0, ..., 0], expected)
-    # Fewer positions than bins: bins overlap but none is empty.
-    y = tf.reshape(tf.constant([1.0, 2.0, 3.0, 4.0]), [1, 2, 2, 1])
-    self.assertAllEqual(linear.adaptive_max_pool(y, 3)[0, ..., 0],
-                        [[1, 2, 2], [3, 4, 4], [3, 4, 4]])
-
-
 class LinearEndToEndTest(tf.test.TestCase):
 
   def test_learns_above_chance_and_writes_outputs(self):

@@ -18,7 +18,8 @@ What is implemented, and the choices the paper leaves open:
   train.
 * "Max pooling to 3 x 3" is an adaptive max pool: the feature map is split
   into 3 x 3 bins, bin i of n covering rows floor(i*H/n) .. ceil((i+1)*H/n)
-  (the same on columns), each reduced by max. For the default 224 x 224 crop
+  (the same on columns), each reduced by max (mtssl.ops.pooling, which the
+  exported feature extractor uses too). For the default 224 x 224 crop
   at output stride 8 (28 x 28 x 1024) the bins are 10 x 10 with overlaps of
   one row/column, and the classifier sees 9216 features.
 * Training augmentation, "translation and color": resize the shorter side to
@@ -43,7 +44,6 @@ What is implemented, and the choices the paper leaves open:
 """
 
 import dataclasses
-import math
 from typing import Optional
 
 import tensorflow as tf
@@ -51,6 +51,7 @@ import tf_keras
 
 from mtssl import lasso as lasso_lib
 from mtssl import preprocessing
+from mtssl.ops import pooling
 from mtssl.backbones import resnet_v2 as resnet_lib
 from mtssl.evaluation import augment
 from mtssl.evaluation import data as data_lib
@@ -85,25 +86,6 @@ class LinearConfig:
       raise ValueError(f'weight_decay must be >= 0, got {self.weight_decay}.')
 
 
-def adaptive_max_pool(features: tf.Tensor, size: int) -> tf.Tensor:
-  """Max-pools [B, H, W, C] to [B, size, size, C] over floor/ceil bins."""
-  height, width = features.shape[1], features.shape[2]
-  if height is None or width is None:
-    raise ValueError(f'adaptive_max_pool needs a static spatial shape, got '
-                     f'{features.shape}.')
-
-  def bins(n):
-    return [(math.floor(i * n / size), math.ceil((i + 1) * n / size))
-            for i in range(size)]
-
-  rows = []
-  for y0, y1 in bins(height):
-    cols = [tf.reduce_max(features[:, y0:y1, x0:x1, :], axis=[1, 2])
-            for x0, x1 in bins(width)]
-    rows.append(tf.stack(cols, axis=1))
-  return tf.stack(rows, axis=1)
-
-
 class LinearHead(tf_keras.Model):
   """[lasso over block-3 units ->] adaptive max pool -> flatten -> softmax layer."""
 
@@ -128,7 +110,7 @@ class LinearHead(tf_keras.Model):
       features = self.lasso(end_points)
     else:
       features = end_points[output_name]
-    pooled = adaptive_max_pool(features, self.pool_size)
+    pooled = pooling.adaptive_max_pool2d(features, (self.pool_size,) * 2)
     flat = tf.reshape(pooled, [tf.shape(pooled)[0], -1])
     if self.feature_norm is not None:
       flat = self.feature_norm(flat, training=training)
