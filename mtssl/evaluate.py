@@ -31,9 +31,11 @@ _PROTOCOL_HELP = ', '.join(evaluation.PROTOCOLS)
 flags.DEFINE_string('model_dir', None, 'Output directory (checkpoints, '
                     'TensorBoard summaries, metrics JSON). Required.')
 flags.DEFINE_string('init_checkpoint', None,
-                    'Trunk checkpoint: a converted or trainer checkpoint '
-                    '(`backbone` key) or a TF-Slim ResNet-v2 checkpoint; '
-                    'prefix or directory. Empty: random initialisation.')
+                    'Trunk weights: a converted or trainer checkpoint '
+                    '(`backbone` key), a TF-Slim ResNet-v2 checkpoint (prefix '
+                    'or directory), or a SavedModel version directory written '
+                    'by `python -m mtssl.export`. Empty: random '
+                    'initialisation.')
 flags.DEFINE_string('trunk', 'resnet_v2_101', 'Trunk preset '
                     '(mtssl.backbones.resnet_v2.TRUNK_BLOCKS).')
 flags.DEFINE_integer('output_stride', None, 'Trunk output stride (default: '

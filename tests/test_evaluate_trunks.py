@@ -39,6 +39,16 @@ class TrunkProviderTest(tf.test.TestCase):
   def test_object_checkpoint_directory(self):
     self.assert_same_weights(provider(checkpoint=self.object_dir).build())
 
+  def test_exported_saved_model(self):
+    from mtssl import export  # pylint: disable=g-import-not-at-top
+    result = export.export_saved_model(self.trained,
+                                       self.get_temp_dir() + '/serving',
+                                       image_size=(32, 32))
+    self.assert_same_weights(provider(checkpoint=result.path).build())
+    with self.assertRaisesRegex(trunks.TrunkLoadError,
+                                'holds trunk resnet_v2_tiny, not resnet_v2_small'):
+      provider('resnet_v2_small', checkpoint=result.path).build()
+
   def test_slim_checkpoint_without_conversion(self):
     values = {n: v.numpy() for n, v in self.trained.slim_variables().items()}
     prefix = eval_fixtures.write_name_checkpoint(

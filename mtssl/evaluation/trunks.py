@@ -23,6 +23,7 @@ disagree and how.
 
 import abc
 import dataclasses
+import json
 import os
 import re
 from typing import Dict, Optional
@@ -45,7 +46,30 @@ class TrunkSpec:
   seed: int = 0
 
 
+def saved_model_variables(path: str, trunk_name: Optional[str] = None):
+  """The trunk checkpoint inside an exported SavedModel, or None if not one.
+
+  `python -m mtssl.export` saves the trunk under the `backbone` key, so the
+  SavedModel's `variables/variables` is a trunk checkpoint like a converted
+  or trainer one. Its `assets.extra/mtssl_export.json` names the trunk; a
+  different --trunk is refused.
+  """
+  if not (tf.io.gfile.isdir(path) and tf.saved_model.contains_saved_model(path)):
+    return None
+  metadata_path = os.path.join(path, 'assets.extra', 'mtssl_export.json')
+  if trunk_name and tf.io.gfile.exists(metadata_path):
+    with tf.io.gfile.GFile(metadata_path) as f:
+      exported = json.load(f).get('trunk')
+    if exported and exported != trunk_name:
+      raise TrunkLoadError(
+          f'SavedModel {path!r} holds trunk {exported}, not {trunk_name}; pass '
+          f'--trunk={exported}.')
+  return os.path.join(path, 'variables', 'variables')
+
+
 def checkpoint_exists(path: str) -> bool:
+  if saved_model_variables(path) is not None:
+    return True
   if tf.io.gfile.isdir(path):
     return tf.train.latest_checkpoint(path) is not None
   return tf.io.gfile.exists(path + '.index') or tf.io.gfile.exists(path)
@@ -117,7 +141,18 @@ class CheckpointTrunkProvider(TrunkProvider):
     trunk.build_for_input()
     if not spec.init_checkpoint:
       return trunk
-    kind, num_units = _checkpoint_kind(spec.init_checkpoint)
+    saved = saved_model_variables(spec.init_checkpoint, spec.name)
+    if saved is not None:
+      # The SavedModel's variables are keyed by their first object path, not
+      # `backbone/...`; restore through the object graph, which checks that
+      # every trunk variable is matched.
+      try:
+        slim_checkpoint.restore_trunk(trunk, saved)
+      except slim_checkpoint.SlimCheckpointError as e:
+        raise TrunkLoadError(f'--init_checkpoint: {e}') from None
+      return trunk
+    path = spec.init_checkpoint
+    kind, num_units = _checkpoint_kind(path)
     # A deeper trunk's checkpoint holds every variable a shallower one of the
     # same widths needs (resnet_v2_101 -> resnet_v2_50): count the units.
     if kind == 'object' and num_units != len(trunk.units):
@@ -127,16 +162,17 @@ class CheckpointTrunkProvider(TrunkProvider):
           f'{len(trunk.units)}; it is another architecture.')
     try:
       if kind == 'object':
-        slim_checkpoint.restore_trunk(trunk, spec.init_checkpoint)
+        slim_checkpoint.restore_trunk(trunk, path)
       else:
-        slim_checkpoint.load_slim_checkpoint(trunk, spec.init_checkpoint)
+        slim_checkpoint.load_slim_checkpoint(trunk, path)
     except slim_checkpoint.SlimCheckpointError as e:
       raise TrunkLoadError(f'--init_checkpoint: {e}') from None
     return trunk
 
 
 def make_trunk_provider(spec: TrunkSpec) -> TrunkProvider:
-  """The provider for a specification (checkpoints; more kinds plug in here)."""
+  """The provider for a specification: a checkpoint (converted, trainer or
+  Slim), an exported SavedModel directory, or none (random init)."""
   return CheckpointTrunkProvider(spec)
 
 
