@@ -540,14 +540,20 @@ class DistributedTrainer(trainer_lib.Trainer):
                       'reads its input iterators and is not compiled.')
 
   # Set-up -----------------------------------------------------------------
-  def setup(self):
+  @contextlib.contextmanager
+  def _explained_failures(self):
+    """Re-raises a lost ps or an unregistered worker as a clear error."""
     try:
-      return self._setup()
-    except (tf.errors.OpError, tf.errors.UnavailableError) as e:
+      yield
+    except tf.errors.OpError as e:
       failure = self._cluster_failure(e)
       if failure is None:
         raise
       raise failure from e
+
+  def setup(self):
+    with self._explained_failures():
+      return self._setup()
 
   def _setup(self):
     if self.model is not None:
@@ -837,13 +843,8 @@ class DistributedTrainer(trainer_lib.Trainer):
 
   def train(self):
     """Runs until every task's --task_steps, --steps or --max_cost."""
-    try:
+    with self._explained_failures():
       return self._train()
-    except (tf.errors.OpError, tf.errors.UnavailableError) as e:
-      failure = self._cluster_failure(e)
-      if failure is None:
-        raise
-      raise failure from e
 
   def _load_counters(self):
     """Python mirrors of the run state (reading a variable is an RPC)."""
@@ -947,8 +948,14 @@ class DistributedTrainer(trainer_lib.Trainer):
     closures = _Closures(self.coordinator, self._work,
                          (self._ticks,) + tuple(self.iterators[n]
                                                 for n in self.names))
+    traced = False
     while not self._finished() and not self._stop_requested:
       closures.fill(self.plan.num_workers - len(self._idle_workers))
+      if not traced:
+        # While the workers start on the first closures.
+        traced = True
+        for name in self.names:
+          self._apply[name].get_concrete_function()
       report = closures.next(timeout=1.0)
       if report is None:
         continue
