@@ -44,7 +44,6 @@ FIRST, SECOND = TASKS
 RUN_FIELDS = {'trunk': 'resnet_v2_tiny', 'seed': 3, 'log_every': 1,
               'summary_every': 1000, 'image_summary_every': 100000}
 TASK_FIELDS = {'batch_size': 2}
-LEARNING_RATE = 1e-3  # the preset's
 
 for _name in TASKS:
   if _name.startswith('toy_'):
@@ -168,8 +167,14 @@ class ClusterTest(tf.test.TestCase):
     variables = step.variables
     before = [v.numpy() for v in variables]
     second_head = [v.numpy() for v in init.model.heads[SECOND].trainable_variables]
-    optimizers.TF1RMSProp(LEARNING_RATE).apply_gradients(
-        [((a + b) / 2, v) for a, b, v in zip(*grads, variables)])
+    cfg = init.config
+    optimizers.TF1RMSProp(cfg.tasks[FIRST].learning_rate,
+                          decay=cfg.rmsprop_decay,
+                          momentum=cfg.rmsprop_momentum,
+                          epsilon=cfg.rmsprop_epsilon).apply_gradients(
+                              [((a + b) / 2, v)
+                               for a, b, v in zip(*grads, variables)
+                               if a is not None])
     expected = [v.numpy() for v in variables]
     # The two ranks read different batches: their gradients differ.
     self.assertNotAllClose(grads[0][0], grads[1][0])
