@@ -15,6 +15,15 @@ Flags and data sources are validated before any work: a bad value prints one
 line naming it and exits with status 2. A run whose loss stays non-finite ends
 with status 3; SIGINT/SIGTERM end the run after the current step with a
 checkpoint (status 130 / 143).
+
+On a cluster (TF_CONFIG describing one, or `--cluster_resolver=slurm`) the
+same command runs in every process and the process's task type picks its role
+(mtssl/training/distributed.py): the `chief` coordinates and checkpoints,
+`ps` and `worker` serve; `--task_workers=rp:2,col:1` says which workers train
+which task. A lost parameter server ends the coordinator with status 4.
+
+  TF_CONFIG='{"cluster": {...}, "task": {"type": "worker", "index": 0}}' \
+      python -m mtssl.train --tasks=rp,col --task_workers=rp:2,col:1 ...
 """
 
 import dataclasses
@@ -32,10 +41,12 @@ from absl import logging
 from mtssl import configs  # pylint: disable=wrong-import-position
 from mtssl import tasks as tasks_lib
 from mtssl.data import sources as sources_lib
+from mtssl.training import distributed
 
 FLAGS = flags.FLAGS
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
+EXIT_CLUSTER = 4
 
 _CONFIG = flags.DEFINE_enum('config', 'cpu', sorted(configs.PRESETS),
                             'preset every other flag overrides (mtssl/configs.py)')
@@ -43,6 +54,26 @@ _TASKS = flags.DEFINE_list('tasks', None,
                            'tasks to train jointly, any of '
                            + ', '.join(tasks_lib.task_names())
                            + ' (default: the preset\'s)')
+_CLUSTER_RESOLVER = flags.DEFINE_enum(
+    'cluster_resolver', 'auto', distributed.RESOLVERS,
+    'cluster: auto (TF_CONFIG when it describes a cluster, else one machine), '
+    'tfconfig, or slurm (coordinator = Slurm task 0, then parameter servers, '
+    'then the --task_workers workers)')
+_TASK_WORKERS = flags.DEFINE_string(
+    'task_workers', None,
+    'cluster: workers per task, e.g. rp:4,col:2,ex:1,ms:1; worker indices are '
+    'assigned in --tasks order and the total must equal the cluster\'s workers')
+_TASK_STEPS = flags.DEFINE_string(
+    'task_steps', None,
+    'cluster: stop a task after this many applied rounds, e.g. rp:1000,col:500 '
+    '(the run ends when every task has stopped, or at --steps / --max_cost)')
+_TASK_DELAY = flags.DEFINE_string(
+    'task_delay', None,
+    'cluster, testing aid: extra seconds per step on a task\'s workers, e.g. '
+    'col:2 (simulates a slow task)')
+_SLURM_PORT_BASE = flags.DEFINE_integer(
+    'slurm_port_base', 8888, 'cluster: first port of the servers of each node '
+    'under --cluster_resolver=slurm')
 
 
 class _TupleOf:
@@ -175,6 +206,31 @@ def _parse_flags(argv):
     sys.exit(EXIT_USAGE)
 
 
+def _cluster_from_flags(config):
+  """(resolver, plan) for a cluster run, or (None, None) on one machine."""
+  plan = None
+  if _TASK_WORKERS.value:
+    plan = distributed.ClusterPlan.from_strings(
+        config, _TASK_WORKERS.value, _TASK_STEPS.value, _TASK_DELAY.value)
+  resolver = distributed.make_cluster_resolver(
+      _CLUSTER_RESOLVER.value, plan_workers=plan.num_workers if plan else None,
+      slurm_port_base=_SLURM_PORT_BASE.value)
+  if resolver is None:
+    given = [f'--{f.name}' for f in (_TASK_WORKERS, _TASK_STEPS, _TASK_DELAY)
+             if f.value]
+    if given:
+      raise configs.ConfigError(
+          f'{", ".join(given)} need a cluster (TF_CONFIG describing one, or '
+          f'--cluster_resolver=slurm).')
+    return None, None
+  workers = len(distributed.cluster_dict(resolver).get(distributed.JOB_WORKER,
+                                                       []))
+  if plan is None:
+    distributed.ClusterPlan.from_strings(config, None, num_workers=workers)
+  plan.validate_cluster(distributed.cluster_dict(resolver))
+  return resolver, plan
+
+
 def main(argv):
   if len(argv) > 1:
     print(f'error: unexpected arguments {argv[1:]}', file=sys.stderr)
@@ -182,7 +238,16 @@ def main(argv):
   from mtssl.training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   try:
     config = config_from_flags()
-    trainer = trainer_lib.Trainer(config)
+    resolver, plan = _cluster_from_flags(config)
+    if resolver is not None and resolver.task_type != distributed.JOB_CHIEF:
+      distributed.run_server(resolver, config, plan,
+                             exit_when_done=_CLUSTER_RESOLVER.value == 'slurm')
+      return 0
+    if resolver is not None:
+      trainer = distributed.DistributedTrainer(config, plan, resolver)
+      logging.info('Cluster run: %s', plan.task_workers)
+    else:
+      trainer = trainer_lib.Trainer(config)
     logging.info('Tasks %s, trunk %s at output stride %d, model_dir %s',
                  ','.join(config.tasks), config.trunk, config.output_stride,
                  config.model_dir)
@@ -190,6 +255,9 @@ def main(argv):
   except (configs.ConfigError, sources_lib.DataSourceError) as e:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_USAGE
+  except distributed.ClusterError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return EXIT_CLUSTER
 
   received = []
 
@@ -205,6 +273,12 @@ def main(argv):
   except trainer_lib.NonFiniteLossError as e:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_NONFINITE
+  except configs.ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return EXIT_USAGE
+  except distributed.ClusterError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return EXIT_CLUSTER
   print(f'Checkpoint: {result["checkpoint"]}')
   print(f'Per-task steps: {result["task_steps"]}')
   print(f'TensorBoard: tensorboard --logdir {config.model_dir}')

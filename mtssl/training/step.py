@@ -56,7 +56,16 @@ class TaskTrainStep:
     self._step = tf.function(self._train_step, jit_compile=jit_compile,
                              reduce_retracing=True)
 
-  def _train_step(self, features, labels):
+  def compute_gradients(self, features, labels):
+    """Forward pass, loss and gradients, without applying them (traceable).
+
+    Returns a dict with 'loss', 'regularization', 'total', 'grads' (aligned
+    with `self.variables`, None where a variable has no gradient),
+    'finite' (whether the step may be applied: under fp16 loss scaling, the
+    loss is finite; otherwise loss and gradients are), 'outputs' and
+    'saved_moving' (the batch-norm moving statistics before this forward
+    pass, for `restore_moving_statistics` when the step is dropped).
+    """
     saved = [tf.identity(v) for v in self.moving]
     scaled = _is_loss_scale_optimizer(self.optimizer)
     with tf.GradientTape() as tape:
@@ -71,7 +80,20 @@ class TaskTrainStep:
     grads_finite = tf.reduce_all(
         [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
     loss_finite = tf.math.is_finite(total)
+    # The loss-scale optimizer skips overflowing gradients itself.
     finite = loss_finite if scaled else tf.logical_and(loss_finite, grads_finite)
+    return {'loss': loss, 'regularization': regularization, 'total': total,
+            'grads': grads, 'finite': finite, 'outputs': outputs,
+            'saved_moving': saved}
+
+  def restore_moving_statistics(self, saved):
+    """Puts back the moving statistics a dropped step's forward pass moved."""
+    for var, value in zip(self.moving, saved):
+      var.assign(value)
+
+  def _train_step(self, features, labels):
+    result = self.compute_gradients(features, labels)
+    grads, outputs = result['grads'], result['outputs']
 
     def apply():
       self.optimizer.apply_gradients(
@@ -80,17 +102,12 @@ class TaskTrainStep:
       return tf.constant(True)
 
     def skip():
-      for var, value in zip(self.moving, saved):
-        var.assign(value)
+      self.restore_moving_statistics(result['saved_moving'])
       return tf.constant(False)
 
-    if scaled:
-      # The loss-scale optimizer skips overflowing steps itself.
-      applied = tf.cond(loss_finite, apply, skip)
-    else:
-      applied = tf.cond(finite, apply, skip)
-    return {'loss': loss, 'regularization': regularization, 'total': total,
-            'finite': applied, 'outputs': outputs}
+    applied = tf.cond(result['finite'], apply, skip)
+    return {'loss': result['loss'], 'regularization': result['regularization'],
+            'total': result['total'], 'finite': applied, 'outputs': outputs}
 
   def __call__(self, features: Dict[str, tf.Tensor],
                labels: Dict[str, tf.Tensor]):

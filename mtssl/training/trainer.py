@@ -30,6 +30,7 @@ with NonFiniteLossError, keeping the last good checkpoint.
 """
 
 import collections
+import contextlib
 import dataclasses
 import math
 import os
@@ -87,6 +88,38 @@ def task_schedule(names, schedule, weights, seed, step):
   return names[int(rng.choice(len(names), p=p / p.sum()))]
 
 
+def task_seed(seed, name):
+  """The data seed of task `name`: a distinct stream per task, fixed by the run seed."""
+  return (seed * 1_000_003 + sum(map(ord, name))) & 0x7FFFFFFF
+
+
+def make_tasks(config: configs.TrainConfig):
+  """The configured tasks ({name: Task}), rp harmonized when asked."""
+  tasks = {}
+  for name, run in config.tasks.items():
+    task_config = run.config
+    if name == 'rp' and config.harmonize:
+      if not hasattr(task_config, 'harmonize'):
+        raise configs.ConfigError('the rp task has no harmonize setting.')
+      task_config = dataclasses.replace(task_config, harmonize=True)
+    tasks[name] = tasks_lib.get_task_class(name)(task_config)
+  return tasks
+
+
+def make_sources(config: configs.TrainConfig, tasks):
+  """A validated data source per task; DataSourceError names the flag."""
+  srcs = {}
+  for name, task in tasks.items():
+    spec = config.tasks[name].data
+    try:
+      source = task.make_source(spec, tfds_data_dir=config.tfds_data_dir)
+      source.validate()
+    except sources_lib.DataSourceError as e:
+      raise sources_lib.DataSourceError(f'{name}_data={spec!r}: {e}') from None
+    srcs[name] = source
+  return srcs
+
+
 def _format_duration(seconds):
   if seconds is None or not math.isfinite(seconds):
     return '?'
@@ -110,27 +143,10 @@ class Trainer:
 
   # Set-up -----------------------------------------------------------------
   def _make_tasks(self):
-    tasks = {}
-    for name, run in self.config.tasks.items():
-      task_config = run.config
-      if name == 'rp' and self.config.harmonize:
-        if not hasattr(task_config, 'harmonize'):
-          raise configs.ConfigError('the rp task has no harmonize setting.')
-        task_config = dataclasses.replace(task_config, harmonize=True)
-      tasks[name] = tasks_lib.get_task_class(name)(task_config)
-    return tasks
+    return make_tasks(self.config)
 
   def _make_sources(self):
-    srcs = {}
-    for name, task in self.tasks.items():
-      spec = self.config.tasks[name].data
-      try:
-        source = task.make_source(spec, tfds_data_dir=self.config.tfds_data_dir)
-        source.validate()
-      except sources_lib.DataSourceError as e:
-        raise sources_lib.DataSourceError(f'{name}_data={spec!r}: {e}') from None
-      srcs[name] = source
-    return srcs
+    return make_sources(self.config, self.tasks)
 
   def _make_optimizer(self, name):
     run = self.config.tasks[name]
@@ -142,76 +158,107 @@ class Trainer:
       opt = tf_keras.mixed_precision.LossScaleOptimizer(opt)
     return opt
 
+  @contextlib.contextmanager
+  def _precision_policy(self):
+    """The configured mixed-precision policy while the model is built."""
+    previous_policy = tf_keras.mixed_precision.global_policy()
+    tf_keras.mixed_precision.set_global_policy(
+        POLICIES[self.config.mixed_precision])
+    try:
+      yield
+    finally:
+      tf_keras.mixed_precision.set_global_policy(previous_policy)
+
+  def _prepare(self):
+    """Everything before the model: determinism, tasks, data sources."""
+    if self.config.deterministic:
+      tf.config.experimental.enable_op_determinism()
+    self.tasks = self._make_tasks()
+    self.sources = self._make_sources()
+    os.makedirs(self.config.model_dir, exist_ok=True)
+
+  def _create_model_and_state(self, extra_checkpoint_items=None):
+    """Model, optimizers, run state, checkpoint and managers; starts a restore.
+
+    Variables are created in the current (distribution strategy) scope.
+    `extra_checkpoint_items` are saved with every checkpoint and restored
+    leniently (what a checkpoint lacks keeps its initial value). Returns the
+    restore status of the latest checkpoint in model_dir, or None.
+    """
+    cfg = self.config
+    # The seed fixes the initial weights too (Python, NumPy and TF global
+    # seeds), so two runs with one seed start from the same model.
+    tf_keras.utils.set_random_seed(cfg.seed)
+    trunk = resnet_v2.trunk_from_name(cfg.trunk, cfg.output_stride)
+    self.model = model_lib.MultiTaskModel(
+        trunk, self.tasks, lasso_l1=cfg.lasso_l1 if cfg.lasso else None)
+    self.optimizers = {n: self._make_optimizer(n) for n in self.names}
+    self.state = RunState(self.names, cfg.seed)
+    items = dict(optimizers=self.optimizers, state=self.state,
+                 **self.model.checkpoint_items)
+    extra = dict(extra_checkpoint_items or {})
+    self.checkpoint = tf.train.Checkpoint(**items, **extra)
+    self.manager = tf.train.CheckpointManager(
+        self.checkpoint, cfg.model_dir, max_to_keep=cfg.keep_checkpoints,
+        checkpoint_name='ckpt')
+    self.snapshot_manager = tf.train.CheckpointManager(
+        self.checkpoint, os.path.join(cfg.model_dir, 'snapshots'),
+        max_to_keep=None, checkpoint_name='snapshot')
+    self.resumed_from = self.manager.latest_checkpoint
+    if not self.resumed_from:
+      return None
+    restore_status = tf.train.Checkpoint(**items).restore(self.resumed_from)
+    if extra:
+      tf.train.Checkpoint(**extra).restore(self.resumed_from).expect_partial()
+    if int(self.state.seed.numpy()) != cfg.seed:
+      raise configs.ConfigError(
+          f'{cfg.model_dir} holds a run with seed '
+          f'{int(self.state.seed.numpy())}, not {cfg.seed}; use another '
+          f'model_dir or the same seed to resume.')
+    return restore_status
+
+  def _restore_or_initialize(self, restore_status):
+    """After the model is built: checks the restore, or applies init_checkpoint."""
+    if restore_status is not None:
+      restore_status.assert_existing_objects_matched()
+    elif self.config.init_checkpoint:
+      self._initialize_from(self.config.init_checkpoint)
+
+  def _make_steps(self, restore_status):
+    self.steps = {n: step_lib.TaskTrainStep(self.model, n, self.optimizers[n],
+                                            jit_compile=self.config.xla)
+                  for n in self.names}
+    if restore_status is not None:
+      # Optimizer slots created just now were restored on creation.
+      restore_status.assert_existing_objects_matched()
+
   def setup(self):
     """Validates data, builds the model, restores or initializes. Idempotent."""
     if self.model is not None:
       return self
     cfg = self.config
-    if cfg.deterministic:
-      tf.config.experimental.enable_op_determinism()
-    self.tasks = self._make_tasks()
-    self.sources = self._make_sources()
-    os.makedirs(cfg.model_dir, exist_ok=True)
-
-    previous_policy = tf_keras.mixed_precision.global_policy()
-    tf_keras.mixed_precision.set_global_policy(POLICIES[cfg.mixed_precision])
-    try:
-      # The seed fixes the initial weights too (Python, NumPy and TF global
-      # seeds), so two runs with one seed start from the same model.
-      tf_keras.utils.set_random_seed(cfg.seed)
-      trunk = resnet_v2.trunk_from_name(cfg.trunk, cfg.output_stride)
-      self.model = model_lib.MultiTaskModel(
-          trunk, self.tasks, lasso_l1=cfg.lasso_l1 if cfg.lasso else None)
-      self.optimizers = {n: self._make_optimizer(n) for n in self.names}
-      self.state = RunState(self.names, cfg.seed)
-      self.checkpoint = tf.train.Checkpoint(
-          optimizers=self.optimizers, state=self.state,
-          **self.model.checkpoint_items)
-      self.manager = tf.train.CheckpointManager(
-          self.checkpoint, cfg.model_dir, max_to_keep=cfg.keep_checkpoints,
-          checkpoint_name='ckpt')
-      self.snapshot_manager = tf.train.CheckpointManager(
-          self.checkpoint, os.path.join(cfg.model_dir, 'snapshots'),
-          max_to_keep=None, checkpoint_name='snapshot')
-      restore_status = None
-      self.resumed_from = self.manager.latest_checkpoint
-      if self.resumed_from:
-        restore_status = self.checkpoint.restore(self.resumed_from)
-        if int(self.state.seed.numpy()) != cfg.seed:
-          raise configs.ConfigError(
-              f'{cfg.model_dir} holds a run with seed '
-              f'{int(self.state.seed.numpy())}, not {cfg.seed}; use another '
-              f'model_dir or the same seed to resume.')
+    self._prepare()
+    with self._precision_policy():
+      restore_status = self._create_model_and_state()
       self.iterators = {}
       first = {}
       for name, task in self.tasks.items():
         ds = task.make_dataset(self.sources[name],
-                               self.config.tasks[name].config.batch_size,
+                               cfg.tasks[name].config.batch_size,
                                seed=self._task_seed(name),
                                start=int(self.state.positions[name].numpy()))
         self.iterators[name] = iter(ds.prefetch(tf.data.AUTOTUNE))
         first[name] = next(self.iterators[name])
       self.model.build_all({n: f for n, (f, _) in first.items()})
       self._pending = dict(first)
-      if restore_status is not None:
-        restore_status.assert_existing_objects_matched()
-      elif cfg.init_checkpoint:
-        self._initialize_from(cfg.init_checkpoint)
-      self.steps = {n: step_lib.TaskTrainStep(self.model, n, self.optimizers[n],
-                                              jit_compile=cfg.xla)
-                    for n in self.names}
-      if restore_status is not None:
-        # Optimizer slots created just now were restored on creation.
-        restore_status.assert_existing_objects_matched()
-    finally:
-      tf_keras.mixed_precision.set_global_policy(previous_policy)
+      self._restore_or_initialize(restore_status)
+      self._make_steps(restore_status)
     self.writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir,
                                                              'train'))
     return self
 
   def _task_seed(self, name):
-    # A distinct stream per task, fixed by the run seed.
-    return (self.config.seed * 1_000_003 + sum(map(ord, name))) & 0x7FFFFFFF
+    return task_seed(self.config.seed, name)
 
   def _initialize_from(self, path):
     slim_checkpoint.restore_trunk(self.model.trunk, path)

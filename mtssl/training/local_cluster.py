@@ -1,0 +1,228 @@
+"""A whole ParameterServerStrategy cluster on this machine, as real processes.
+
+For trying distributed training out and for tests: parameter servers,
+workers and the coordinator run as separate processes on free localhost
+ports, each with its own TF_CONFIG and the same command line, exactly as on
+a real cluster. Every process is started in its own process group and
+`stop()` (also on leaving the `with` block, whatever happened) ends every
+group it started: first SIGTERM, then SIGKILL after a grace period.
+
+    with LocalCluster(['-m', 'mtssl.train', '--tasks=rp,col',
+                       '--task_workers=rp:2,col:1'],
+                      num_ps=1, num_workers=3, log_dir='/tmp/logs') as c:
+      c.start_servers()
+      c.start_coordinator()
+      rc = c.wait_coordinator(timeout=3600)
+
+`tools/launch_local_cluster.py` is the command-line front end.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+CHIEF, PS, WORKER = 'chief', 'ps', 'worker'
+RECONNECT_OPTIONS = 'grpc.max_reconnect_backoff_ms=1000'
+
+
+class ClusterProcessError(RuntimeError):
+  """A cluster process failed to start; the message ends with its log."""
+
+
+def free_ports(count: int, host: str = 'localhost') -> List[int]:
+  """`count` distinct ports that were free a moment ago."""
+  sockets, ports = [], []
+  try:
+    for _ in range(count):
+      s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      s.bind((host, 0))
+      sockets.append(s)
+      ports.append(s.getsockname()[1])
+  finally:
+    for s in sockets:
+      s.close()
+  return ports
+
+
+def _port_open(host, port) -> bool:
+  with contextlib.suppress(OSError):
+    with socket.create_connection((host, port), timeout=0.5):
+      return True
+  return False
+
+
+class LocalCluster:
+  """Processes of one cluster on localhost.
+
+  Args:
+    args: the command after the Python interpreter, identical for every
+      process (e.g. ['-m', 'mtssl.train', '--tasks=...', ...]).
+    num_ps, num_workers: cluster size (plus one coordinator, job `chief`).
+    log_dir: one log file per process (`<job>-<index>.log`, appended to
+      across restarts).
+    env: extra environment variables for every process.
+    cwd: working directory of the processes (default: the current one).
+  """
+
+  def __init__(self, args: Sequence[str], num_ps: int = 1,
+               num_workers: int = 2, log_dir: str = 'cluster_logs',
+               env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None,
+               host: str = 'localhost'):
+    if num_ps < 1 or num_workers < 1:
+      raise ValueError('A cluster needs at least one ps and one worker.')
+    self.args = list(args)
+    self.host = host
+    self.log_dir = log_dir
+    self.env = dict(env or {})
+    self.cwd = cwd
+    ports = free_ports(1 + num_ps + num_workers, host)
+    self.addresses = {
+        CHIEF: [f'{host}:{ports[0]}'],
+        PS: [f'{host}:{p}' for p in ports[1:1 + num_ps]],
+        WORKER: [f'{host}:{p}' for p in ports[1 + num_ps:]],
+    }
+    self.processes: Dict[tuple, subprocess.Popen] = {}
+    self._logs = {}
+    os.makedirs(log_dir, exist_ok=True)
+
+  # Processes ------------------------------------------------------------
+  def tf_config(self, job: str, index: int) -> str:
+    return json.dumps({'cluster': self.addresses,
+                       'task': {'type': job, 'index': index}})
+
+  def log_path(self, job: str, index: int = 0) -> str:
+    return os.path.join(self.log_dir, f'{job}-{index}.log')
+
+  def start(self, job: str, index: int = 0,
+            extra_args: Sequence[str] = ()) -> subprocess.Popen:
+    """Starts (or restarts) one process; its output goes to its log file."""
+    key = (job, index)
+    if key in self.processes and self.processes[key].poll() is None:
+      raise ClusterProcessError(f'{job} {index} is already running.')
+    env = dict(os.environ)
+    env.update(self.env)
+    env['TF_CONFIG'] = self.tf_config(job, index)
+    env.setdefault('PYTHONUNBUFFERED', '1')
+    # gRPC backs off exponentially (to 2 minutes) while a peer is down; a
+    # restarted local server is then found late. Retry every second at most.
+    env.setdefault('TF_GRPC_DEFAULT_OPTIONS', RECONNECT_OPTIONS)
+    log = open(self.log_path(job, index), 'ab')  # pylint: disable=consider-using-with
+    log.write(f'\n==== start {job} {index} at {time.ctime()} ====\n'.encode())
+    log.flush()
+    if key in self._logs:
+      self._logs[key].close()
+    self._logs[key] = log
+    process = subprocess.Popen(  # pylint: disable=consider-using-with
+        [sys.executable] + self.args + list(extra_args), env=env, cwd=self.cwd,
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True)
+    self.processes[key] = process
+    return process
+
+  def wait_ready(self, job: str, index: int = 0, timeout: float = 120.0):
+    """Waits until a server accepts connections; raises if it dies first."""
+    host, port = self.addresses[job][index].rsplit(':', 1)
+    deadline = time.time() + timeout
+    process = self.processes[(job, index)]
+    while time.time() < deadline:
+      if process.poll() is not None:
+        raise ClusterProcessError(
+            f'{job} {index} exited with status {process.returncode} before '
+            f'serving. Its log ({self.log_path(job, index)}) ends with:\n'
+            f'{self.log_tail(job, index)}')
+      if _port_open(host, int(port)):
+        return
+      time.sleep(0.2)
+    raise ClusterProcessError(
+        f'{job} {index} does not serve at {self.addresses[job][index]} after '
+        f'{timeout:.0f} s. Its log ends with:\n{self.log_tail(job, index)}')
+
+  def start_servers(self, timeout: float = 120.0):
+    """Starts every parameter server and worker and waits until they serve."""
+    for job in (PS, WORKER):
+      for index in range(len(self.addresses[job])):
+        self.start(job, index)
+    for job in (PS, WORKER):
+      for index in range(len(self.addresses[job])):
+        self.wait_ready(job, index, timeout)
+
+  def start_coordinator(self, extra_args: Sequence[str] = ()):
+    return self.start(CHIEF, 0, extra_args)
+
+  def wait_coordinator(self, timeout: float) -> int:
+    """The coordinator's exit status; subprocess.TimeoutExpired after `timeout`."""
+    return self.processes[(CHIEF, 0)].wait(timeout)
+
+  def alive(self, job: str, index: int = 0) -> bool:
+    process = self.processes.get((job, index))
+    return process is not None and process.poll() is None
+
+  def kill(self, job: str, index: int = 0, sig=signal.SIGKILL,
+           timeout: float = 30.0):
+    """Sends `sig` to a process's group and waits for it to end."""
+    process = self.processes.get((job, index))
+    if process is None or process.poll() is not None:
+      return
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(process.pid, sig)
+    try:
+      process.wait(timeout)
+    except subprocess.TimeoutExpired:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+      process.wait(10)
+
+  def restart(self, job: str, index: int = 0, wait: bool = True,
+              timeout: float = 120.0):
+    """Kills (if running) and starts a server again, as a cluster manager does."""
+    self.kill(job, index)
+    self.start(job, index)
+    if wait and job != CHIEF:
+      self.wait_ready(job, index, timeout)
+
+  def dead_servers(self) -> List[tuple]:
+    return [key for key, p in self.processes.items()
+            if key[0] != CHIEF and p.poll() is not None]
+
+  def log_tail(self, job: str, index: int = 0, lines: int = 30) -> str:
+    with contextlib.suppress(OSError):
+      with open(self.log_path(job, index), 'rb') as f:
+        text = f.read().decode('utf-8', 'replace')
+      return '\n'.join(text.splitlines()[-lines:])
+    return '(no log)'
+
+  def stop(self, grace: float = 10.0):
+    """Ends every process group this cluster started (TERM, then KILL)."""
+    running = [p for p in self.processes.values() if p.poll() is None]
+    for process in running:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.time() + grace
+    for process in running:
+      try:
+        process.wait(max(0.0, deadline - time.time()))
+      except subprocess.TimeoutExpired:
+        pass
+    for process in self.processes.values():
+      # The group may outlive its leader (children of the process).
+      with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+      if process.poll() is None:
+        process.wait(10)
+    for log in self._logs.values():
+      log.close()
+    self._logs.clear()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.stop()
+    return False
