@@ -31,23 +31,26 @@ from mtssl import optimizers
 from mtssl.training import distributed
 from mtssl.training import local_cluster
 from mtssl.training import trainer as trainer_lib
-from tests import toy_task
 
-# What the cluster trains. Toy tasks stand in for relative position and
-# colorization; with the real tasks this becomes ENTRY = ('-m', 'mtssl.train')
-# and TASKS = ('rp', 'col').
-ENTRY = ('-m', 'tests.toy_train')
-TASKS = ('toy_rp', 'toy_col')
+# What the cluster trains: relative position on two workers, colorization on
+# one, at small sizes.
+ENTRY = ('-m', 'mtssl.train')
+TASKS = ('rp', 'col')
 FIRST, SECOND = TASKS
 # Settings shared by every process (the data settings must be equal on the
 # coordinator and the workers), as config fields.
 RUN_FIELDS = {'trunk': 'resnet_v2_tiny', 'seed': 3, 'log_every': 1,
               'summary_every': 1000, 'image_summary_every': 100000}
-TASK_FIELDS = {'batch_size': 2}
+TASK_FIELDS = {
+    'rp': {'batch_size': 2, 'patch_size': 32, 'gap': 16, 'jitter': 3,
+           'min_pixels': 20000, 'max_pixels': 30000, 'unit_depths': (32, 16),
+           'unit_bottleneck': 8, 'fc_bottleneck': 16},
+    'col': {'batch_size': 2, 'image_size': 64, 'head_widths': (32, 32)},
+}
 
-for _name in TASKS:
-  if _name.startswith('toy_'):
-    toy_task.toy_task_class(_name)
+
+def _flag_value(value):
+  return ','.join(map(str, value)) if isinstance(value, tuple) else value
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WAIT = 240.0  # seconds: the longest any single wait below may take
@@ -57,7 +60,8 @@ def run_flags():
   flags = list(ENTRY) + [f'--tasks={FIRST},{SECOND}',
                          f'--task_workers={FIRST}:2,{SECOND}:1']
   flags += [f'--{k}={v}' for k, v in RUN_FIELDS.items()]
-  flags += [f'--{t}_{k}={v}' for t in TASKS for k, v in TASK_FIELDS.items()]
+  flags += [f'--{t}_{k}={_flag_value(v)}' for t in TASKS
+            for k, v in TASK_FIELDS[t].items()]
   return flags
 
 
@@ -67,7 +71,7 @@ def make_config(model_dir):
   config = dataclasses.replace(config, model_dir=model_dir, **RUN_FIELDS)
   for name, run in config.tasks.items():
     config.tasks[name] = dataclasses.replace(
-        run, config=dataclasses.replace(run.config, **TASK_FIELDS))
+        run, config=dataclasses.replace(run.config, **TASK_FIELDS[name]))
   return config
 
 
