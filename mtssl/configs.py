@@ -95,6 +95,12 @@ class TrainConfig:
   mixed_precision: str = _field('none', 'none, bf16 or fp16 (fp16 with dynamic '
                                 'loss scaling)', choices=MIXED_PRECISION)
   xla: bool = _field(False, 'compile each train step with XLA')
+  native_atrous: bool = _field(
+      False, 'run the trunk\'s dilated convolutions as single Conv2D ops '
+      '(faster with cuDNN and XLA; on a CPU it needs --xla)')
+  prefetch_to_device: bool = _field(
+      True, 'copy the next input batches onto the GPU while a step runs '
+      '(one machine; no effect without a GPU)')
   schedule: str = _field('round_robin', 'task interleaving: round_robin or '
                          'weighted (seeded draw per step)', choices=SCHEDULES)
   steps: Optional[int] = _field(None, 'total training steps over all tasks')

@@ -143,6 +143,18 @@ class TrainerTest(tf.test.TestCase):
     with self.assertRaisesRegex(configs.ConfigError, 'seed 0, not 5'):
       trainer_lib.Trainer(make_config(model_dir, steps=4, seed=5)).setup()
 
+  def test_native_atrous_trains_under_xla_and_needs_it_on_cpu(self):
+    cfg = make_config(self.get_temp_dir(), steps=2, native_atrous=True,
+                      xla=True)
+    trainer = trainer_lib.Trainer(cfg)
+    result = trainer.train()
+    self.assertEqual(result['global_step'], 2)
+    self.assertTrue(trainer.model.trunk.native_atrous)
+    if not tf.config.list_physical_devices('GPU'):
+      with self.assertRaisesRegex(configs.ConfigError, 'native_atrous needs'):
+        trainer_lib.Trainer(make_config(self.get_temp_dir(), steps=2,
+                                        native_atrous=True)).setup()
+
   def test_non_finite_steps_are_skipped_then_stop_the_run(self):
     # toy_a's batches are positions (0,1), (2,3), ...: NaN at 2 and 5 spoils
     # its 2nd and 3rd batches; they are skipped and training continues.

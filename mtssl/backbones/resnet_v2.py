@@ -29,6 +29,16 @@ Slim conventions reproduced here (see SPEC section 2):
   and epsilon 1e-5 with scale and center, truncated-normal variance scaling
   with Slim's `stddev = sqrt(1.3 * 2 / fan_in)`.
 
+Atrous convolutions (`native_atrous`). tf_keras' Conv2D runs a dilated
+convolution through `tf.nn.convolution`, which outside TPUs rewrites it as
+SpaceToBatchND -> Conv2D -> BatchToSpaceND: the default, the form the tf_slim
+parity test checks. With `native_atrous=True` the dilated 3x3 convolutions
+call `tf.nn.conv2d(..., dilations=rate)` instead: one Conv2D op, which cuDNN
+and XLA run natively without the space/batch shuffles. Both compute the same
+function (tests/test_optimizations.py). TensorFlow's plain CPU kernels have no
+gradient for dilated Conv2D ops, so on a CPU the native form trains only
+under XLA (`jit_compile`); the default stays the portable form.
+
 Calling the model returns an ordered dict of end points keyed by their Slim
 names, e.g. `resnet_v2_101/block3` and
 `resnet_v2_101/block3/unit_23/bottleneck_v2`; `output_name` is the key of the
@@ -204,6 +214,16 @@ def _bn_variables(bn, prefix) -> Dict[str, tf.Variable]:
   }
 
 
+class NativeAtrousConv2D(tf_keras.layers.Conv2D):
+  """Conv2D whose dilation is an attribute of one Conv2D op (see module doc)."""
+
+  def convolution_op(self, inputs, kernel):
+    return tf.nn.conv2d(inputs, kernel, strides=list(self.strides),
+                        padding=self.padding.upper(),
+                        dilations=list(self.dilation_rate),
+                        data_format='NHWC', name='Conv2D')
+
+
 class SlimConv2D(tf_keras.layers.Layer):
   """`slim.conv2d` as used by ResNet-v2, with `conv2d_same` padding.
 
@@ -211,11 +231,13 @@ class SlimConv2D(tf_keras.layers.Layer):
   norm (Slim's normalizer_fn) and, with `activation=True`, a ReLU. Without
   batch norm the convolution has a bias. Strided convolutions use Slim's
   explicit symmetric padding followed by a VALID convolution; kernel size 1
-  needs no padding at any stride.
+  needs no padding at any stride. `native_atrous` runs a dilated convolution
+  as one Conv2D op (see the module docstring).
   """
 
   def __init__(self, filters, kernel_size, stride=1, rate=1, batch_norm=True,
-               activation=True, weight_decay=WEIGHT_DECAY, **kwargs):
+               activation=True, weight_decay=WEIGHT_DECAY, native_atrous=False,
+               **kwargs):
     super().__init__(**kwargs)
     if stride > 1 and rate > 1:
       raise ValueError(f'{self.name}: stride {stride} with atrous rate {rate} '
@@ -227,6 +249,7 @@ class SlimConv2D(tf_keras.layers.Layer):
     self.use_batch_norm = batch_norm
     self.use_activation = activation
     self.weight_decay = weight_decay
+    self.native_atrous = native_atrous
     k_eff = kernel_size + (kernel_size - 1) * (rate - 1)
     if stride > 1 and k_eff > 1:
       pad_total = k_eff - 1
@@ -235,7 +258,9 @@ class SlimConv2D(tf_keras.layers.Layer):
     else:
       self._padding = None
       conv_padding = 'same'
-    self.conv = tf_keras.layers.Conv2D(
+    conv_class = (NativeAtrousConv2D if native_atrous and rate > 1
+                  else tf_keras.layers.Conv2D)
+    self.conv = conv_class(
         filters, kernel_size, strides=stride, dilation_rate=rate,
         padding=conv_padding, use_bias=not batch_norm,
         kernel_initializer=SlimVarianceScaling(),
@@ -269,7 +294,8 @@ class SlimConv2D(tf_keras.layers.Layer):
                   stride=self.stride, rate=self.rate,
                   batch_norm=self.use_batch_norm,
                   activation=self.use_activation,
-                  weight_decay=self.weight_decay)
+                  weight_decay=self.weight_decay,
+                  native_atrous=self.native_atrous)
     return config
 
 
@@ -277,19 +303,21 @@ class BottleneckV2(tf_keras.layers.Layer):
   """Slim `resnet_v2.bottleneck`: the full pre-activation bottleneck unit."""
 
   def __init__(self, depth, depth_bottleneck, stride=1, rate=1,
-               weight_decay=WEIGHT_DECAY, **kwargs):
+               weight_decay=WEIGHT_DECAY, native_atrous=False, **kwargs):
     super().__init__(**kwargs)
     self.depth = depth
     self.depth_bottleneck = depth_bottleneck
     self.stride = stride
     self.rate = rate
     self.weight_decay = weight_decay
+    self.native_atrous = native_atrous
     self.preact = _batch_norm('preact')
     self.shortcut = None  # Created in build() once the input depth is known.
     self.conv1 = SlimConv2D(depth_bottleneck, 1, 1, weight_decay=weight_decay,
                             name='conv1')
     self.conv2 = SlimConv2D(depth_bottleneck, 3, stride, rate,
-                            weight_decay=weight_decay, name='conv2')
+                            weight_decay=weight_decay,
+                            native_atrous=native_atrous, name='conv2')
     self.conv3 = SlimConv2D(depth, 1, 1, batch_norm=False, activation=False,
                             weight_decay=weight_decay, name='conv3')
 
@@ -328,7 +356,8 @@ class BottleneckV2(tf_keras.layers.Layer):
     config = super().get_config()
     config.update(depth=self.depth, depth_bottleneck=self.depth_bottleneck,
                   stride=self.stride, rate=self.rate,
-                  weight_decay=self.weight_decay)
+                  weight_decay=self.weight_decay,
+                  native_atrous=self.native_atrous)
     return config
 
 
@@ -345,6 +374,8 @@ class ResNetV2(tf_keras.Model):
       has none.
     scope: Slim scope, the prefix of every end point and variable name.
     weight_decay: L2 weight decay on conv kernels (Slim convention).
+    native_atrous: run dilated convolutions as single Conv2D ops (see the
+      module docstring); same function, same variables.
 
   Calling it on an image batch returns an ordered dict {end point: tensor}:
   `<scope>/conv1` (when the root is included), every unit
@@ -355,7 +386,7 @@ class ResNetV2(tf_keras.Model):
   def __init__(self, blocks: Sequence[Block], output_stride: Optional[int] = None,
                include_root_block: bool = True, include_postnorm: bool = False,
                scope: str = 'resnet_v2', weight_decay: float = WEIGHT_DECAY,
-               **kwargs):
+               native_atrous: bool = False, **kwargs):
     kwargs.setdefault('name', scope)
     super().__init__(**kwargs)
     blocks = list(blocks)
@@ -367,6 +398,7 @@ class ResNetV2(tf_keras.Model):
     self.include_postnorm = include_postnorm
     self.scope = scope
     self.weight_decay = weight_decay
+    self.native_atrous = native_atrous
     root_stride = ROOT_STRIDE if include_root_block else 1
     self.unit_plan = plan_units(blocks, output_stride, root_stride)
     if include_root_block:
@@ -376,7 +408,8 @@ class ResNetV2(tf_keras.Model):
       self.conv1 = None
     self.units = [
         BottleneckV2(u.depth, u.depth_bottleneck, u.stride, u.rate,
-                     weight_decay=weight_decay, name=u.scope)
+                     weight_decay=weight_decay, native_atrous=native_atrous,
+                     name=u.scope)
         for u in self.unit_plan
     ]
     self.postnorm = _batch_norm('postnorm') if include_postnorm else None
@@ -459,6 +492,7 @@ class ResNetV2(tf_keras.Model):
         'include_postnorm': self.include_postnorm,
         'scope': self.scope,
         'weight_decay': self.weight_decay,
+        'native_atrous': self.native_atrous,
     }
 
   @classmethod

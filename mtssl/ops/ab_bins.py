@@ -153,10 +153,17 @@ def _bins_tensor():
 
 
 def _squared_distances(ab):
-  """|ab - c_q|^2 for every bin: (..., 2) -> (..., 313), float32."""
+  """|ab - c_q|^2 for every bin: (..., 2) -> (..., 313), float32.
+
+  Written per component, (a - a_q)^2 + (b - b_q)^2: the same sums as a
+  reduction over a trailing axis of 2, bit for bit, without the (..., 313, 2)
+  intermediate (6x faster on CPU; tests/test_optimizations.py).
+  """
   ab = tf.cast(ab, tf.float32)
-  diff = ab[..., None, :] - _bins_tensor()
-  return tf.reduce_sum(tf.square(diff), axis=-1)
+  bins = _bins_tensor()
+  da = ab[..., 0:1] - bins[:, 0]
+  db = ab[..., 1:2] - bins[:, 1]
+  return da * da + db * db
 
 
 def nearest_bin(ab):

@@ -41,6 +41,12 @@ negative candidate of example (i + 1) mod B, i.e. a patch from the image at
 another stream position (`labels['negative_index']` records which). A batch
 therefore needs at least two examples.
 
+`fast_preprocessing` (default on) applies the colour shifts of an example's
+three views as one batched computation with mtssl.ops.color's fast kernels
+(`color_shift_views`); off, every view is shifted on its own with the plain
+kernels. The draws are the same, and so are the patches within float32
+rounding (tests/test_optimizations.py).
+
 Every random draw is stateless, from (seed, k) and the draw's number; the
 arrangement is a fixed roll within the batch, so batches are a function of
 (seed, start, batch size).
@@ -61,6 +67,7 @@ import tensorflow as tf
 import tf_keras
 
 from mtssl import preprocessing
+from mtssl.ops import color
 from mtssl.tasks import base
 from mtssl.tasks import heads
 from mtssl.tasks import patches
@@ -77,6 +84,7 @@ _VIEWS = 3  # x1, x2, negative candidate.
 # Draw numbers of an example's random choices.
 _SEED_CENTRE, _CANDIDATE_CENTRE = 0, 1
 _VIEW_SEEDS = 10  # View v's seed is draw _VIEW_SEEDS + v.
+_COLOR_SEED = 100  # A view's colour draws come from its draw _COLOR_SEED.
 (_TRANSLATION, _SCALE, _ROTATION, _PCA, _S_POWER, _S_SCALE, _S_SHIFT,
  _V_POWER, _V_SCALE, _V_SHIFT, _HUE) = range(11)
 
@@ -98,6 +106,9 @@ class ExConfig(base.TaskConfig):
   unit_depths: Tuple[int, ...] = heads.PAPER_UNIT_DEPTHS
   unit_bottleneck: int = heads.PAPER_UNIT_BOTTLENECK
   weight_decay: float = 1e-4
+  # One batched colour shift of the three views with fast kernels (same
+  # values; module docstring).
+  fast_preprocessing: bool = True
 
   def validate(self):
     super().validate()
@@ -142,44 +153,88 @@ def view_transform(centre, translation, scale, angle, patch_size):
 
 
 def extract_views(image, transforms, patch_size):
-  """Views [N, p, p, C] of one float image [H, W, C] under N transforms."""
+  """Views [N, p, p, C] of one float image [H, W, C] under N transforms.
+
+  With a static N every view is sampled from the one image by its own call
+  (bit-identical to the batched call, without N copies of the image).
+  """
+
+  def warp(images, view_transforms):
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=view_transforms,
+        output_shape=tf.constant([patch_size, patch_size], tf.int32),
+        fill_value=tf.constant(0.0), interpolation='BILINEAR',
+        fill_mode='REFLECT')
+
+  transforms = tf.convert_to_tensor(transforms, tf.float32)
+  if transforms.shape[0] is not None:
+    return tf.concat([warp(image[tf.newaxis], transforms[i:i + 1])
+                      for i in range(transforms.shape[0])], axis=0)
   n = tf.shape(transforms)[0]
-  images = tf.tile(image[tf.newaxis], tf.stack([n, 1, 1, 1]))
-  return tf.raw_ops.ImageProjectiveTransformV3(
-      images=images, transforms=transforms,
-      output_shape=tf.constant([patch_size, patch_size], tf.int32),
-      fill_value=tf.constant(0.0), interpolation='BILINEAR',
-      fill_mode='REFLECT')
+  return warp(tf.tile(image[tf.newaxis], tf.stack([n, 1, 1, 1])), transforms)
 
 
-def color_shift(patch, seed, config: ExConfig):
-  """Dosovitskiy et al.'s colour augmentations of an RGB patch in [0, 1]."""
+def color_parameters(seed, config: ExConfig):
+  """The random draws of one view's colour shift (see `color_shift`)."""
   draw = lambda d: patches.draw_seed(seed, d)
-  factors = patches.log_uniform(draw(_PCA), *config.pca_factor_range, shape=[3])
-  mean = tf.reduce_mean(patch, axis=[0, 1], keepdims=True)
+
+  def uniform(d, limit):
+    return tf.random.stateless_uniform([], draw(d), -limit, limit)
+
+  return {
+      'pca_factors': patches.log_uniform(draw(_PCA), *config.pca_factor_range,
+                                         shape=[3]),
+      's_power': patches.log_uniform(draw(_S_POWER), *config.sv_power_range),
+      's_factor': patches.log_uniform(draw(_S_SCALE), *config.sv_factor_range),
+      's_shift': uniform(_S_SHIFT, config.max_sv_shift),
+      'v_power': patches.log_uniform(draw(_V_POWER), *config.sv_power_range),
+      'v_factor': patches.log_uniform(draw(_V_SCALE), *config.sv_factor_range),
+      'v_shift': uniform(_V_SHIFT, config.max_sv_shift),
+      'hue_shift': uniform(_HUE, config.max_hue_shift),
+  }
+
+
+def apply_color_shift(patch, params, fast: bool = False):
+  """Colour shift of RGB patches in [0, 1], [..., h, w, 3], with `params`
+  from `color_parameters` (stacked along the leading axes for a batch).
+
+  `fast` uses mtssl.ops.color's fast kernels (MatMul for the 3x3 maps,
+  exp/log powers): the same values within float32 rounding.
+  """
+  expand = lambda x: tf.convert_to_tensor(x)[..., tf.newaxis, tf.newaxis]
+  mean = tf.reduce_mean(patch, axis=[-3, -2], keepdims=True)
   # Coordinates in the eigenbasis, scaled, mapped back. (The published
   # vectors are rounded, so the inverse rather than the transpose makes
   # factors of 1 an exact identity.)
-  coordinates = tf.einsum('hwc,kc->hwk', patch - mean,
-                          tf.constant(_PCA_INVERSE, tf.float32)) * factors
+  coordinates = color.mix_channels(patch - mean, _PCA_INVERSE, fast) * (
+      tf.convert_to_tensor(params['pca_factors'])[..., tf.newaxis,
+                                                  tf.newaxis, :])
   patch = tf.clip_by_value(
-      mean + tf.einsum('hwk,ck->hwc', coordinates,
-                       tf.constant(IMAGENET_PCA_EIGENVECTORS, tf.float32)),
+      mean + color.mix_channels(coordinates, IMAGENET_PCA_EIGENVECTORS, fast),
       0.0, 1.0)
   hue, sat, val = tf.unstack(tf.image.rgb_to_hsv(patch), axis=-1)
 
-  def contrast(x, power_draw, factor_draw, shift_draw):
-    power = patches.log_uniform(draw(power_draw), *config.sv_power_range)
-    factor = patches.log_uniform(draw(factor_draw), *config.sv_factor_range)
-    shift = tf.random.stateless_uniform(
-        [], draw(shift_draw), -config.max_sv_shift, config.max_sv_shift)
-    return tf.clip_by_value(tf.pow(x, power) * factor + shift, 0.0, 1.0)
+  def contrast(x, name):
+    x = color.power(x, expand(params[f'{name}_power']), fast)
+    return tf.clip_by_value(x * expand(params[f'{name}_factor']) +
+                            expand(params[f'{name}_shift']), 0.0, 1.0)
 
-  sat = contrast(sat, _S_POWER, _S_SCALE, _S_SHIFT)
-  val = contrast(val, _V_POWER, _V_SCALE, _V_SHIFT)
-  hue = tf.math.floormod(hue + tf.random.stateless_uniform(
-      [], draw(_HUE), -config.max_hue_shift, config.max_hue_shift), 1.0)
+  sat, val = contrast(sat, 's'), contrast(val, 'v')
+  hue = tf.math.floormod(hue + expand(params['hue_shift']), 1.0)
   return tf.image.hsv_to_rgb(tf.stack([hue, sat, val], axis=-1))
+
+
+def color_shift(patch, seed, config: ExConfig, fast: bool = False):
+  """Dosovitskiy et al.'s colour augmentations of an RGB patch in [0, 1]."""
+  return apply_color_shift(patch, color_parameters(seed, config), fast)
+
+
+def color_shift_views(views, seeds, config: ExConfig, fast: bool = True):
+  """`color_shift` of every view [V, h, w, 3], view v with seeds[v], as one
+  batched computation."""
+  params = [color_parameters(s, config) for s in seeds]
+  stacked = {k: tf.stack([p[k] for p in params]) for k in params[0]}
+  return apply_color_shift(views, stacked, fast)
 
 
 def sample_view(seed, centre, config: ExConfig):
@@ -227,10 +282,14 @@ class ExemplarTask(base.Task):
     view_centres = [centres[0], centres[0], centres[1]]
     transforms = tf.stack([sample_view(s, c, cfg)
                            for s, c in zip(view_seeds, view_centres)])
-    views = extract_views(image, transforms, cfg.patch_size)
-    views = tf.stack([color_shift(tf.clip_by_value(views[v], 0.0, 1.0),
-                                  patches.draw_seed(view_seeds[v], 100), cfg)
-                      for v in range(_VIEWS)])
+    views = tf.clip_by_value(extract_views(image, transforms, cfg.patch_size),
+                             0.0, 1.0)
+    color_seeds = [patches.draw_seed(s, _COLOR_SEED) for s in view_seeds]
+    if cfg.fast_preprocessing:
+      views = color_shift_views(views, color_seeds, cfg)
+    else:
+      views = tf.stack([color_shift(views[v], color_seeds[v], cfg)
+                        for v in range(_VIEWS)])
     features = {
         'index': tf.cast(index, tf.int64),
         'patches': preprocessing.vgg_preprocess(views * 255.0),

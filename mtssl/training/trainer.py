@@ -48,6 +48,7 @@ from mtssl import optimizers
 from mtssl import tasks as tasks_lib
 from mtssl.backbones import resnet_v2
 from mtssl.backbones import slim_checkpoint
+from mtssl.data import prefetch
 from mtssl.data import sources as sources_lib
 from mtssl.training import step as step_lib
 
@@ -173,6 +174,11 @@ class Trainer:
     """Everything before the model: determinism, tasks, data sources."""
     if self.config.deterministic:
       tf.config.experimental.enable_op_determinism()
+    if (self.config.native_atrous and not self.config.xla and
+        not tf.config.list_physical_devices('GPU')):
+      raise configs.ConfigError(
+          'native_atrous needs --xla on a machine without a GPU: '
+          'TensorFlow\'s CPU kernels have no gradient for dilated Conv2D ops.')
     self.tasks = self._make_tasks()
     self.sources = self._make_sources()
     os.makedirs(self.config.model_dir, exist_ok=True)
@@ -189,7 +195,8 @@ class Trainer:
     # The seed fixes the initial weights too (Python, NumPy and TF global
     # seeds), so two runs with one seed start from the same model.
     tf_keras.utils.set_random_seed(cfg.seed)
-    trunk = resnet_v2.trunk_from_name(cfg.trunk, cfg.output_stride)
+    trunk = resnet_v2.trunk_from_name(cfg.trunk, cfg.output_stride,
+                                      native_atrous=cfg.native_atrous)
     self.model = model_lib.MultiTaskModel(
         trunk, self.tasks, lasso_l1=cfg.lasso_l1 if cfg.lasso else None)
     self.optimizers = {n: self._make_optimizer(n) for n in self.names}
@@ -247,7 +254,10 @@ class Trainer:
                                cfg.tasks[name].config.batch_size,
                                seed=self._task_seed(name),
                                start=int(self.state.positions[name].numpy()))
-        self.iterators[name] = iter(ds.prefetch(tf.data.AUTOTUNE))
+        ds = ds.prefetch(tf.data.AUTOTUNE)
+        if cfg.prefetch_to_device:
+          ds = prefetch.to_device(ds)
+        self.iterators[name] = iter(ds)
         first[name] = next(self.iterators[name])
       self.model.build_all({n: f for n, (f, _) in first.items()})
       self._pending = dict(first)

@@ -1,0 +1,156 @@
+"""mtssl.benchmark runs end to end on tiny settings and writes valid reports.
+
+Nothing here checks a timing: the figures are measurements, and they live in
+benchmarks/results/. What is checked is that every row is complete and
+consistent (FLOPs from the model's graph, utilization arithmetic, the
+pipeline's reference comparison) and that bad settings are refused by name.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import tensorflow as tf
+
+from mtssl import benchmark
+from mtssl import configs
+
+
+def tiny_settings(tasks):
+  return benchmark.settings_from_preset(
+      'cpu', tasks, trunk='resnet_v2_tiny', batch_sizes={t: 2 for t in tasks})
+
+
+class StepBenchmarkTest(tf.test.TestCase):
+
+  def test_rows_for_every_task_and_the_multi_task_cycle(self):
+    settings = tiny_settings(['rp', 'col'])
+    rows = benchmark.benchmark_steps(settings, ['fp32'], [False], steps=1,
+                                     warmup_steps=1, peak=1.0, log=lambda _: 0)
+    by_task = {r['task']: r for r in rows}
+    self.assertEqual(set(by_task), {'rp', 'col', 'multi'})
+    for name in ('rp', 'col'):
+      row = by_task[name]
+      self.assertNotIn('error', row)
+      self.assertTrue(row['finite'])
+      self.assertGreater(row['step_s'], 0)
+      # rp sends a pair of patches through the trunk per example.
+      self.assertEqual(row['trunk_images_per_example'],
+                       2 if name == 'rp' else 1)
+      self.assertAllClose(row['forward_gmacs'],
+                          row['trunk_gmacs'] + row['head_gmacs'], rtol=1e-6)
+      self.assertAllClose(row['train_gflop_per_example'],
+                          6 * row['forward_gmacs'], rtol=1e-3)
+      self.assertAllClose(row['examples_per_s'],
+                          row['batch_size'] / row['step_s'], rtol=1e-3)
+      # MFU against a peak of 1 TFLOP/s is the achieved TFLOP/s.
+      self.assertAllClose(row['mfu'], row['achieved_tflops'], atol=1e-4)
+    self.assertEqual(by_task['multi']['batch_size'], 4)
+
+  def test_native_atrous_without_xla_on_cpu_is_reported_not_run(self):
+    if tf.config.list_physical_devices('GPU'):
+      self.skipTest('a GPU runs native atrous convolutions without XLA')
+    rows = benchmark.benchmark_steps(tiny_settings(['col']), ['fp32'], [False],
+                                     native_atrous_values=[True], steps=1,
+                                     warmup_steps=1, log=lambda _: 0)
+    self.assertLen(rows, 1)
+    self.assertIn('no gradient kernel on CPU', rows[0]['error'])
+
+  def test_spec_figures_for_the_paper_model(self):
+    # What forward_macs reports for the paper's col model; SPEC section 8.
+    config = configs.paper_config(['col']).tasks['col'].config
+    counted = {'trunk_image_size': [256, 256], 'trunk_images_per_example': 1}
+    spec = benchmark.spec_forward_gmacs('col', 'resnet_v2_101', 8, config,
+                                        counted)
+    self.assertAllClose(spec['forward_gmacs'], 28.75 + 35.7)
+    self.assertIsNone(benchmark.spec_forward_gmacs(
+        'col', 'resnet_v2_small', 8, config, counted))
+
+  def test_target_rate_is_the_inverse_of_utilization(self):
+    rates = benchmark.target_rates({'col': 64.45}, 0.35, 989.4)
+    row = {'train_gflop_per_example': 64.45 * 6,
+           'examples_per_s': rates['col']}
+    benchmark._utilization(row, 989.4)  # pylint: disable=protected-access
+    self.assertAllClose(row['mfu'], 0.35, atol=1e-4)
+
+  def test_bad_settings_name_the_problem(self):
+    with self.assertRaisesRegex(benchmark.BenchmarkError, 'unknown trunk'):
+      benchmark.settings_from_preset('cpu', ['col'], trunk='resnet_v9')
+    with self.assertRaisesRegex(benchmark.BenchmarkError, 'no setting'):
+      benchmark.settings_from_preset('cpu', ['col'],
+                                     task_overrides={'col': {'bogus': 1}})
+    with self.assertRaisesRegex(benchmark.BenchmarkError, 'not run'):
+      benchmark.settings_from_preset('cpu', ['col'],
+                                     task_overrides={'ms': {'batch_size': 1}})
+    with self.assertRaisesRegex(benchmark.BenchmarkError, 'must be positive'):
+      benchmark._parse_batch_sizes(['col:0'], ['col'])  # pylint: disable=protected-access
+    with self.assertRaisesRegex(benchmark.BenchmarkError, "--xla: 'maybe'"):
+      benchmark._parse_bools(['maybe'], 'xla')  # pylint: disable=protected-access
+
+
+class PipelineBenchmarkTest(tf.test.TestCase):
+
+  def test_rows_and_report(self):
+    settings = tiny_settings(['col', 'ms'])
+    rows = benchmark.benchmark_pipelines(
+        settings.task_configs, batch_size=2, batches=1, warmup_batches=1,
+        num_images=2, image_size=(64, 80), encodings=('memory', 'jpeg'),
+        reference_examples=2, variants=('fast', 'plain'),
+        target_rates={'col': 100.0}, log=lambda _: 0)
+    keys = {(r['task'], r['variant'], r['input']) for r in rows}
+    # ms has no fast/plain variants.
+    self.assertEqual(keys, {('col', 'fast', 'memory'), ('col', 'fast', 'jpeg'),
+                            ('col', 'plain', 'memory'),
+                            ('col', 'plain', 'jpeg'), ('ms', '-', 'memory'),
+                            ('ms', '-', 'jpeg')})
+    for row in rows:
+      self.assertGreater(row['per_core_examples_per_s'], 0)
+      self.assertGreater(row['total_examples_per_s'], 0)
+      if row['input'] == 'memory':
+        self.assertGreater(row['reference']['examples_per_cpu_s'], 0)
+        self.assertAllClose(
+            row['speedup_vs_reference'],
+            row['per_core_examples_per_cpu_s'] /
+            row['reference']['examples_per_cpu_s'], rtol=0.02)
+    col_row = [r for r in rows if r['task'] == 'col'][0]
+    self.assertAllClose(col_row['cores_for_target'],
+                        100.0 / col_row['per_core_examples_per_cpu_s'],
+                        rtol=0.05, atol=0.06)
+
+    report = {'environment': benchmark.environment(), 'command': 'test',
+              'results': rows, 'target': 'test'}
+    out = tempfile.mkdtemp(dir=self.get_temp_dir())
+    paths = benchmark.write_report(report, out, 'tiny')
+    with open(paths['json']) as f:
+      self.assertEqual(len(json.load(f)['results']), len(rows))
+    with open(paths['markdown']) as f:
+      text = f.read()
+    self.assertIn('## Input pipelines', text)
+    table = [l for l in text.splitlines() if l.startswith('| col') or
+             l.startswith('| ms')]
+    self.assertLen(table, len(rows))
+    self.assertEqual(sorted(os.listdir(out)), ['tiny.json', 'tiny.md'])
+
+
+class CommandLineTest(tf.test.TestCase):
+
+  def run_benchmark(self, *flags):
+    return subprocess.run(
+        [sys.executable, '-m', 'mtssl.benchmark', *flags,
+         f'--output_dir={tempfile.mkdtemp(dir=self.get_temp_dir())}'],
+        capture_output=True, text=True, timeout=300, check=False)
+
+  def test_bad_flags_exit_2_with_the_flag_named(self):
+    for flags, message in (
+        (['--precisions=fp8'], "unknown precision 'fp8'"),
+        (['--task_overrides={not json'], 'not JSON'),
+    ):
+      result = self.run_benchmark('--config=cpu', '--tasks=col', *flags)
+      self.assertEqual(result.returncode, 2, (flags, result.stderr[-2000:]))
+      self.assertIn(message, result.stderr)
+
+
+if __name__ == '__main__':
+  tf.test.main()
