@@ -538,6 +538,10 @@ class DistributedTrainer(trainer_lib.Trainer):
     if config.xla:
       logging.warning('--xla is not used on a cluster: the work function '
                       'reads its input iterators and is not compiled.')
+    if config.native_atrous:
+      logging.warning('--native_atrous on a cluster needs GPU workers: the '
+                      'work function is not XLA-compiled, and TensorFlow\'s '
+                      'CPU kernels have no gradient for dilated Conv2D ops.')
 
   # Set-up -----------------------------------------------------------------
   @contextlib.contextmanager
