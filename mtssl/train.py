@@ -134,7 +134,12 @@ def _define_flags():
               f'{task}: {field.metadata.get("help", field.name)}')
     config_class = tasks_lib.get_task_class(task).config_class
     for field, kind in _config_fields(config_class):
-      default = field.default if field.default is not dataclasses.MISSING else None
+      if field.default is not dataclasses.MISSING:
+        default = field.default
+      elif field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+      else:
+        default = None
       _define(f'{task}_{field.name}', kind,
               f'{task}: {field.metadata.get("help", field.name)} '
               f'(task default {default!r})', field.metadata.get('choices'))
