@@ -78,6 +78,7 @@ from mtssl.backbones import slim_checkpoint
 from mtssl.ops import ab_bins
 from mtssl.ops import color
 from mtssl.tasks import base
+from mtssl.tasks import heads
 
 _SEED_SALT = 0xC01  # Separates this task's per-example draws from other tasks'.
 SKIP_REASON = 'col_skipped_grayscale'
@@ -213,33 +214,16 @@ def comparison_panels(trunk_images, logits, truth_rgb,
 # Head ------------------------------------------------------------------------
 
 
-class ColorizationHead(tf_keras.Model):
+class ColorizationHead(heads.ConvStackHead):
   """conv 2x2 -> conv 1x1 (... ) -> conv 1x1 313 logits, all stride 1."""
 
   def __init__(self, widths: Sequence[int] = (4096, 4096),
                num_bins: int = ab_bins.NUM_BINS, batch_norm: bool = True,
                weight_decay: float = resnet_v2.WEIGHT_DECAY, **kwargs):
     kwargs.setdefault('name', 'col_head')
-    super().__init__(**kwargs)
-    self.widths = tuple(int(w) for w in widths)
-    self.hidden = [
-        resnet_v2.SlimConv2D(width, 2 if i == 0 else 1, 1,
-                             batch_norm=batch_norm, activation=True,
-                             weight_decay=weight_decay, name=f'conv{i + 1}')
-        for i, width in enumerate(self.widths)
-    ]
-    self.logits = tf_keras.layers.Conv2D(
-        num_bins, 1, padding='same', use_bias=True,
-        kernel_initializer=resnet_v2.SlimVarianceScaling(),
-        kernel_regularizer=(resnet_v2.slim_l2(weight_decay)
-                            if weight_decay else None),
-        dtype='float32', name='logits')
-
-  def call(self, inputs, training=None):
-    net = inputs
-    for layer in self.hidden:
-      net = layer(net, training=training)
-    return self.logits(tf.cast(net, tf.float32))
+    kernel_sizes = [2] + [1] * (len(widths) - 1)
+    super().__init__(widths, kernel_sizes, num_bins, batch_norm=batch_norm,
+                     weight_decay=weight_decay, **kwargs)
 
 
 # The task --------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""Residual-unit heads of relative position and exemplar (paper section 3.4).
+"""Heads shared by tasks: the residual-unit heads of relative position and
+exemplar (paper section 3.4), and the convolution stack of colorization and
+motion segmentation (`ConvStackHead`).
 
-Both heads start with the same two strided Slim bottleneck units on the trunk
-output of each patch (12x12x1024 for a 96x96 patch at output stride 8):
+The two residual-unit heads start with the same two strided Slim bottleneck
+units on the trunk output of each patch (12x12x1024 for a 96x96 patch at
+output stride 8):
 
     unit_1: out 1024, bottleneck 128, stride 2  -> 6x6x1024
     unit_2: out  512, bottleneck 128, stride 2  -> 3x3x512
@@ -185,3 +188,40 @@ class RelativePositionHead(tf_keras.Model):
       x = unit(x, training=training)
     x = tf.nn.relu(self.postnorm(x, training=training))
     return tf.reshape(self.logits(x), [-1, self.num_classes])
+
+
+class ConvStackHead(tf_keras.Model):
+  """Slim convolutions at stride 1, then a 1x1 convolution to the logits.
+
+  The per-pixel heads of colorization and motion segmentation: hidden layer
+  i is `SlimConv2D(widths[i], kernel_sizes[i])` (batch norm and ReLU, or a
+  bias without batch norm), the logits a biased 1x1 convolution computed in
+  float32 (so mixed precision leaves the loss in float32).
+  """
+
+  def __init__(self, widths: Sequence[int], kernel_sizes: Sequence[int],
+               num_outputs: int, batch_norm: bool = True,
+               weight_decay: float = resnet_v2.WEIGHT_DECAY, **kwargs):
+    super().__init__(**kwargs)
+    self.widths = tuple(int(w) for w in widths)
+    if len(kernel_sizes) != len(self.widths):
+      raise ValueError(f'{self.name}: {len(kernel_sizes)} kernel sizes for '
+                       f'{len(self.widths)} widths.')
+    self.hidden = [
+        resnet_v2.SlimConv2D(width, kernel, 1, batch_norm=batch_norm,
+                             activation=True, weight_decay=weight_decay,
+                             name=f'conv{i + 1}')
+        for i, (width, kernel) in enumerate(zip(self.widths, kernel_sizes))
+    ]
+    self.logits = tf_keras.layers.Conv2D(
+        num_outputs, 1, padding='valid', use_bias=True,
+        kernel_initializer=resnet_v2.SlimVarianceScaling(),
+        kernel_regularizer=(resnet_v2.slim_l2(weight_decay)
+                            if weight_decay else None),
+        dtype='float32', name='logits')
+
+  def call(self, inputs, training=None):
+    net = inputs
+    for layer in self.hidden:
+      net = layer(net, training=training)
+    return self.logits(tf.cast(net, tf.float32))

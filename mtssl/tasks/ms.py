@@ -43,6 +43,7 @@ from mtssl.backbones import resnet_v2
 from mtssl.data import motion_sources
 from mtssl.data import sources
 from mtssl.tasks import base
+from mtssl.tasks import heads
 
 
 @dataclasses.dataclass
@@ -75,33 +76,15 @@ class MsConfig(base.TaskConfig):
             self.frame_width // self.label_stride)
 
 
-class MotionSegmentationHead(tf_keras.Model):
+class MotionSegmentationHead(heads.ConvStackHead):
   """conv 1x1 (x len(widths)) -> conv 1x1, 1 logit; all stride 1."""
 
   def __init__(self, widths: Sequence[int] = (4096, 4096),
                batch_norm: bool = True,
                weight_decay: float = resnet_v2.WEIGHT_DECAY, **kwargs):
     kwargs.setdefault('name', 'ms_head')
-    super().__init__(**kwargs)
-    self.widths = tuple(int(w) for w in widths)
-    self.hidden = [
-        resnet_v2.SlimConv2D(width, 1, 1, batch_norm=batch_norm,
-                             activation=True, weight_decay=weight_decay,
-                             name=f'conv{i + 1}')
-        for i, width in enumerate(self.widths)
-    ]
-    self.logits = tf_keras.layers.Conv2D(
-        1, 1, padding='valid', use_bias=True,
-        kernel_initializer=resnet_v2.SlimVarianceScaling(),
-        kernel_regularizer=(resnet_v2.slim_l2(weight_decay)
-                            if weight_decay else None),
-        dtype='float32', name='logits')
-
-  def call(self, inputs, training=None):
-    net = inputs
-    for layer in self.hidden:
-      net = layer(net, training=training)
-    return self.logits(tf.cast(net, tf.float32))
+    super().__init__(widths, [1] * len(widths), 1, batch_norm=batch_norm,
+                     weight_decay=weight_decay, **kwargs)
 
 
 def _label_to_size(label, size):
