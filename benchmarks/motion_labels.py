@@ -27,16 +27,12 @@ the machine.
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# pylint: disable=wrong-import-position
 import cv2
 import numpy as np
 

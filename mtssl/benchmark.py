@@ -18,7 +18,7 @@ closed by a read of the loss, which waits for the device. With several
 tasks a `multi` row times round-robin cycles of one step of every task, the
 trainer's schedule. Reported per row: step time, training examples/s, the
 analytic forward multiply-accumulates per example counted from the model's
-own graph (mtssl.flops: trunk, with the task's trunk_images expansion, plus
+own graph (mtssl.benchmarking.flops: trunk, with the task's trunk_images expansion, plus
 head), training FLOPs per example (2 FLOPs per MAC, x3 for forward and
 backward, the usual convention and SPEC section 8's), achieved TFLOP/s and
 model-FLOP utilization against the device's peak (`--peak_tflops`, or the
@@ -33,7 +33,7 @@ private thread pool of size 1, no intra-op parallelism) and on all cores.
 Rates are examples per second of wall time and per second of process CPU
 time; on a machine shared with other jobs the CPU-time rate is the stable
 one. Beside them: the same preprocessing written the straightforward way,
-per image with NumPy/OpenCV on one thread (mtssl.reference_pipelines), and
+per image with NumPy/OpenCV on one thread (mtssl.benchmarking.reference_pipelines), and
 the ratio of the two per-core rates; and how many cores the pipeline needs
 to feed one accelerator at the `--target_mfu` on the `--target_device`.
 
@@ -43,7 +43,6 @@ and after. Nothing here asserts a timing; tests/test_benchmark.py only checks
 that a tiny run completes and writes valid files.
 """
 
-import contextlib
 import dataclasses
 import datetime
 import gc
@@ -63,20 +62,21 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from mtssl import configs
-from mtssl import flops
-from mtssl import io_utils
-from mtssl import model as model_lib
-from mtssl import optimizers
+from mtssl.configs import training as configs
+from mtssl.benchmarking import flops
+from mtssl.utils import io_utils
+from mtssl.models import multitask as model_lib
 from mtssl import tasks as tasks_lib
 from mtssl.backbones import resnet_v2
 from mtssl.data import motion_sources
 from mtssl.data import sources
+from mtssl.training import core
 from mtssl.training import step as step_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 PRECISIONS = {'fp32': 'none', 'bf16': 'bf16', 'fp16': 'fp16'}
-POLICIES = {'fp32': 'float32', 'bf16': 'mixed_bfloat16', 'fp16': 'mixed_float16'}
+# --precisions value -> the trainer's --mixed_precision value.
+POLICIES = {'fp32': 'none', 'bf16': 'bf16', 'fp16': 'fp16'}
 
 # Dense peak TFLOP/s by device-name substring (first match wins): bf16/fp16
 # tensor cores, TF32 tensor cores (what fp32 convolutions and matmuls use
@@ -91,12 +91,10 @@ PEAK_TFLOPS = (
 )
 H100_BF16_PEAK_TFLOPS = 989.4
 
-# SPEC section 8: forward multiply-accumulates (G) of the paper's trunk
-# (ResNet-v2-101 to block 3 at output stride 8) per input size, and of the
-# heads per example.
-SPEC_TRUNK_GMACS = {(256, 256): 28.75, (96, 96): 4.04, (240, 320): 33.7}
-SPEC_HEAD_GMACS = {'col': 35.7, 'ms': 25.2}
-SPEC_RP_HEAD_GMACS_PER_PATCH = 0.05  # "RP head ~ 0.05 G per patch"
+# Forward multiply-accumulates (G) of the paper's trunk (ResNet-v2-101 to
+# block 3 at output stride 8) per input size, the reference count of the
+# paper's model; each task states its head's (Task.paper_head_gmacs).
+PAPER_TRUNK_GMACS = {(256, 256): 28.75, (96, 96): 4.04, (240, 320): 33.7}
 TRAINING_FLOPS_PER_MAC = 2 * 3  # 2 FLOPs per MAC; forward + 2 backward products
 
 
@@ -285,33 +283,20 @@ def forward_macs(model: model_lib.MultiTaskModel, name: str,
           'trunk_image_size': list(images.shape[1:3])}
 
 
-def _is_paper_head(name: str, config) -> bool:
-  defaults = type(config)()
-  fields = {'rp': ('patch_size', 'unit_depths', 'unit_bottleneck', 'fc_depth',
-                   'fc_bottleneck', 'num_fc_units'),
-            'col': ('image_size', 'head_widths', 'target_stride'),
-            'ex': ('patch_size', 'unit_depths', 'unit_bottleneck'),
-            'ms': ('frame_height', 'frame_width', 'head_widths')}.get(name)
-  return fields is not None and all(
-      getattr(config, f) == getattr(defaults, f) for f in fields)
-
-
-def spec_forward_gmacs(name: str, trunk: str, output_stride: int, config,
+def paper_model_gmacs(name: str, trunk: str, output_stride: int, config,
                        counted: Mapping[str, object]) -> Optional[Dict[str, float]]:
-  """SPEC section 8's forward G MACs per example for the paper's model."""
+  """The paper model's reference forward G MACs per example, or None."""
   if trunk != 'resnet_v2_101' or output_stride != 8:
     return None
   size = tuple(counted['trunk_image_size'])
-  if size not in SPEC_TRUNK_GMACS:
+  if size not in PAPER_TRUNK_GMACS:
     return None
   images = counted['trunk_images_per_example']
-  out = {'trunk_gmacs': SPEC_TRUNK_GMACS[size] * images}
-  if _is_paper_head(name, config):
-    if name in SPEC_HEAD_GMACS:
-      out['head_gmacs'] = SPEC_HEAD_GMACS[name]
-    elif name == 'rp':
-      out['head_gmacs'] = SPEC_RP_HEAD_GMACS_PER_PATCH * images
-  if 'head_gmacs' in out:
+  out = {'trunk_gmacs': PAPER_TRUNK_GMACS[size] * images}
+  task = make_task(name, config)
+  head = task.paper_head_gmacs(images) if task.has_paper_head() else None
+  if head is not None:
+    out['head_gmacs'] = head
     out['forward_gmacs'] = out['trunk_gmacs'] + out['head_gmacs']
   return out
 
@@ -319,25 +304,11 @@ def spec_forward_gmacs(name: str, trunk: str, output_stride: int, config,
 # Step benchmark ------------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def mixed_precision_policy(precision: str):
   if precision not in POLICIES:
     raise BenchmarkError(f'--precisions: unknown precision {precision!r}; '
                          f'choose from {", ".join(POLICIES)}.')
-  previous = tf_keras.mixed_precision.global_policy()
-  tf_keras.mixed_precision.set_global_policy(POLICIES[precision])
-  try:
-    yield
-  finally:
-    tf_keras.mixed_precision.set_global_policy(previous)
-
-
-def _optimizer(name: str, precision: str, learning_rate: float):
-  # As mtssl.training.trainer: one TF1 RMSProp per task, loss scaling in fp16.
-  opt = optimizers.TF1RMSProp(learning_rate, name=f'RMSProp_{name}')
-  if precision == 'fp16':
-    opt = tf_keras.mixed_precision.LossScaleOptimizer(opt)
-  return opt
+  return core.precision_policy(POLICIES[precision])
 
 
 def _device() -> str:
@@ -348,18 +319,17 @@ def build_steps(settings: ModelSettings, precision: str, xla: bool,
                 native_atrous: bool, batches, learning_rate: float = 1e-4):
   """(model, {task: TaskTrainStep}, {task: device-resident batch})."""
   with mixed_precision_policy(precision):
-    tf_keras.utils.set_random_seed(settings.seed)
-    trunk = resnet_v2.trunk_from_name(settings.trunk, settings.output_stride,
-                                      native_atrous=native_atrous)
     task_objects = {n: make_task(n, c) for n, c in settings.task_configs.items()}
-    model = model_lib.MultiTaskModel(trunk, task_objects)
+    model = core.build_model(settings.trunk, settings.output_stride,
+                             task_objects, native_atrous=native_atrous,
+                             seed=settings.seed)
     with tf.device(_device()):
       resident = {n: tf.nest.map_structure(tf.identity, b)
                   for n, b in batches.items()}
     model.build_all({n: f for n, (f, _) in resident.items()})
-    steps = {n: step_lib.TaskTrainStep(model, n,
-                                       _optimizer(n, precision, learning_rate),
-                                       jit_compile=xla)
+    steps = {n: step_lib.TaskTrainStep(
+        model, n, core.task_optimizer(n, learning_rate, POLICIES[precision]),
+        jit_compile=xla)
              for n in settings.task_names}
   return model, steps, resident
 
@@ -431,11 +401,11 @@ def benchmark_steps(settings: ModelSettings, precisions: Sequence[str],
           examples = int(model.tasks[name].examples_in(resident[name][0]))
           row['batch_size'] = examples
           row.update(counts[name])
-          spec = spec_forward_gmacs(name, settings.trunk,
+          spec = paper_model_gmacs(name, settings.trunk,
                                     settings.output_stride,
                                     settings.task_configs[name], counts[name])
           if spec:
-            row['spec'] = spec
+            row['paper_model'] = spec
           row['train_gflop_per_example'] = round(
               counts[name]['forward_gmacs'] * TRAINING_FLOPS_PER_MAC, 4)
           try:
@@ -636,7 +606,7 @@ def benchmark_pipelines(task_configs: Mapping[str, tasks_lib.TaskConfig],
   Variants: `fast` is the task config as given; `plain` turns the task's
   `fast_preprocessing` off (tasks without it have only the one variant).
   """
-  from mtssl import reference_pipelines  # pylint: disable=g-import-not-at-top
+  from mtssl.benchmarking import reference_pipelines  # pylint: disable=g-import-not-at-top
   threads = threads or cpu_cores()
   rows = []
   for name, config in task_configs.items():
@@ -703,11 +673,17 @@ def target_rates(forward_gmacs: Mapping[str, float], mfu: float,
 
 
 def paper_forward_gmacs() -> Dict[str, float]:
-  """Forward G MACs per example of the paper's model, from SPEC section 8."""
-  return {'rp': 2 * (SPEC_TRUNK_GMACS[(96, 96)] + SPEC_RP_HEAD_GMACS_PER_PATCH),
-          'col': SPEC_TRUNK_GMACS[(256, 256)] + SPEC_HEAD_GMACS['col'],
-          'ex': 3 * (SPEC_TRUNK_GMACS[(96, 96)] + SPEC_RP_HEAD_GMACS_PER_PATCH),
-          'ms': SPEC_TRUNK_GMACS[(240, 320)] + SPEC_HEAD_GMACS['ms']}
+  """Forward G MACs per example of the paper's model, per task."""
+  out = {}
+  for name in tasks_lib.task_names():
+    task = tasks_lib.get_task_class(name)()
+    if task.paper_trunk_inputs is None:
+      continue
+    count, size = task.paper_trunk_inputs
+    head = task.paper_head_gmacs(count)
+    if size in PAPER_TRUNK_GMACS and head is not None:
+      out[name] = count * PAPER_TRUNK_GMACS[size] + head
+  return out
 
 
 # Reports -------------------------------------------------------------------------
@@ -755,7 +731,7 @@ def markdown(report: Mapping[str, object]) -> str:
                      f'{"native" if r["native_atrous"] else "s2b"} | '
                      f'failed: {r["error"]} |||||||')
         continue
-      spec = r.get('spec', {}).get('forward_gmacs')
+      spec = r.get('paper_model', {}).get('forward_gmacs')
       gmacs = _fmt(r['forward_gmacs'], 4) + (f' [{spec:.4g}]' if spec else '')
       mfu = f'{100 * r["mfu"]:.1f}%' if r.get('mfu') is not None else '-'
       lines.append(

@@ -8,7 +8,7 @@ writes `<export_base>/<model_name>/<version>/` in TF Serving's layout:
 (PredictionLog records TF Serving replays at load time) and
 `assets.extra/mtssl_export.json` (trunk, stride, serving size, signatures
 with output shapes, the checkpoint it came from). Signatures and outputs are
-described in `mtssl.serving`.
+described in `mtssl.deploy.serving`.
 
 Choices:
 
@@ -43,8 +43,8 @@ import numpy as np
 import tensorflow as tf
 
 import mtssl
-from mtssl import io_utils
-from mtssl import serving
+from mtssl.utils import io_utils
+from mtssl.deploy import serving
 from mtssl.backbones import resnet_v2
 from mtssl.backbones import slim_checkpoint
 from mtssl.data import synthetic

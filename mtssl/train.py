@@ -18,7 +18,7 @@ checkpoint (status 130 / 143).
 
 On a cluster (TF_CONFIG describing one, or `--cluster_resolver=slurm`) the
 same command runs in every process and the process's task type picks its role
-(mtssl/training/distributed.py): the `chief` coordinates and checkpoints,
+(mtssl/training/cluster/): the `chief` coordinates and checkpoints,
 `ps` and `worker` serve; `--task_workers=rp:2,col:1` says which workers train
 which task. A lost parameter server ends the coordinator with status 4.
 
@@ -30,7 +30,6 @@ import dataclasses
 import os
 import signal
 import sys
-import typing
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -38,10 +37,11 @@ from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from absl import flags
 from absl import logging
 
-from mtssl import configs  # pylint: disable=wrong-import-position
+from mtssl.configs import base as config_base  # pylint: disable=wrong-import-position
+from mtssl.configs import training as configs
 from mtssl import tasks as tasks_lib
 from mtssl.data import sources as sources_lib
-from mtssl.training import distributed
+from mtssl.training.cluster import plan as cluster_plan
 
 FLAGS = flags.FLAGS
 EXIT_USAGE = 2
@@ -55,7 +55,7 @@ _TASKS = flags.DEFINE_list('tasks', None,
                            + ', '.join(tasks_lib.task_names())
                            + ' (default: the preset\'s)')
 _CLUSTER_RESOLVER = flags.DEFINE_enum(
-    'cluster_resolver', 'auto', distributed.RESOLVERS,
+    'cluster_resolver', 'auto', cluster_plan.RESOLVERS,
     'cluster: auto (TF_CONFIG when it describes a cluster, else one machine), '
     'tfconfig, or slurm (coordinator = Slurm task 0, then parameter servers, '
     'then the --task_workers workers)')
@@ -76,94 +76,18 @@ _SLURM_PORT_BASE = flags.DEFINE_integer(
     'under --cluster_resolver=slurm')
 
 
-class _TupleOf:
-  """A tuple-of-numbers field, given on the command line as a comma list."""
-
-  def __init__(self, element):
-    self.element = element
-
-  def parse(self, values):
-    return tuple(self.element(v) for v in values)
-
-
-def _scalar_type(annotation):
-  """Flag kind of a field: int/float/bool/str, _TupleOf(int|float), or None."""
-  if typing.get_origin(annotation) is typing.Union:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if len(args) != 1:
-      return None
-    annotation = args[0]
-  if typing.get_origin(annotation) is tuple:
-    args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
-    if args and all(a is args[0] for a in args) and args[0] in (int, float):
-      return _TupleOf(args[0])
-    return None
-  return annotation if annotation in (int, float, bool, str) else None
-
-
-def _define(name, kind, help_text, choices=None):
-  if isinstance(kind, _TupleOf):
-    flags.DEFINE_list(name, None, f'{help_text} (comma-separated)')
-  elif kind is bool:
-    flags.DEFINE_bool(name, None, help_text)
-  elif choices:
-    flags.DEFINE_enum(name, None, list(choices), help_text)
-  elif kind is int:
-    flags.DEFINE_integer(name, None, help_text)
-  elif kind is float:
-    flags.DEFINE_float(name, None, help_text)
-  else:
-    flags.DEFINE_string(name, None, help_text)
-
-
-def _config_fields(cls):
-  hints = typing.get_type_hints(cls)
-  for field in dataclasses.fields(cls):
-    kind = _scalar_type(hints.get(field.name))
-    if kind is not None:
-      yield field, kind
-
-
 def _define_flags():
-  for field, kind in _config_fields(configs.TrainConfig):
-    _define(field.name, kind, field.metadata.get('help', field.name),
-            field.metadata.get('choices'))
+  default_run = configs.cpu_config(tasks_lib.task_names())
+  config_base.define_flags(configs.TrainConfig, defaults=default_run)
   for task in tasks_lib.task_names():
-    for field, kind in _config_fields(configs.TaskRun):
-      _define(f'{task}_{field.name}', kind,
-              f'{task}: {field.metadata.get("help", field.name)}')
-    config_class = tasks_lib.get_task_class(task).config_class
-    for field, kind in _config_fields(config_class):
-      if field.default is not dataclasses.MISSING:
-        default = field.default
-      elif field.default_factory is not dataclasses.MISSING:
-        default = field.default_factory()
-      else:
-        default = None
-      _define(f'{task}_{field.name}', kind,
-              f'{task}: {field.metadata.get("help", field.name)} '
-              f'(task default {default!r})', field.metadata.get('choices'))
+    run = default_run.tasks[task]
+    config_base.define_flags(configs.TaskRun, prefix=f'{task}_',
+                             help_prefix=f'{task}: ', defaults=run)
+    config_base.define_flags(type(run.config), prefix=f'{task}_',
+                             help_prefix=f'{task}: ', defaults=run.config)
 
 
 _define_flags()
-
-
-def _given(flag_values, prefix, cls):
-  """{field: value} for the fields of `cls` whose flag `prefix+field` was set."""
-  out = {}
-  for field, kind in _config_fields(cls):
-    value = flag_values[prefix + field.name].value
-    if value is None:
-      continue
-    if isinstance(kind, _TupleOf):
-      try:
-        value = kind.parse(value)
-      except ValueError:
-        raise configs.ConfigError(
-            f'--{prefix}{field.name}: expected comma-separated '
-            f'{kind.element.__name__} values, got {",".join(value)!r}.') from None
-    out[field.name] = value
-  return out
 
 
 def config_from_flags(flag_values=FLAGS) -> configs.TrainConfig:
@@ -182,7 +106,7 @@ def config_from_flags(flag_values=FLAGS) -> configs.TrainConfig:
       raise configs.ConfigError(f'--tasks lists a task twice: {",".join(names)}.')
   config = configs.PRESETS[flag_values.config](names)
   config = dataclasses.replace(
-      config, **_given(flag_values, '', configs.TrainConfig))
+      config, **config_base.given_values(flag_values, '', configs.TrainConfig))
   for task in tasks_lib.task_names():
     given = [n for n in flag_values if n.startswith(f'{task}_')
              and flag_values[n].present]
@@ -193,8 +117,10 @@ def config_from_flags(flag_values=FLAGS) -> configs.TrainConfig:
             f'({",".join(config.tasks)}).')
       continue
     run = config.tasks[task]
-    run_updates = _given(flag_values, f'{task}_', configs.TaskRun)
-    task_updates = _given(flag_values, f'{task}_', type(run.config))
+    run_updates = config_base.given_values(flag_values, f'{task}_',
+                                             configs.TaskRun)
+    task_updates = config_base.given_values(flag_values, f'{task}_',
+                                              type(run.config))
     config.tasks[task] = dataclasses.replace(
         run, config=dataclasses.replace(run.config, **task_updates),
         **run_updates)
@@ -215,9 +141,9 @@ def _cluster_from_flags(config):
   """(resolver, plan) for a cluster run, or (None, None) on one machine."""
   plan = None
   if _TASK_WORKERS.value:
-    plan = distributed.ClusterPlan.from_strings(
+    plan = cluster_plan.ClusterPlan.from_strings(
         config, _TASK_WORKERS.value, _TASK_STEPS.value, _TASK_DELAY.value)
-  resolver = distributed.make_cluster_resolver(
+  resolver = cluster_plan.make_cluster_resolver(
       _CLUSTER_RESOLVER.value, plan_workers=plan.num_workers if plan else None,
       slurm_port_base=_SLURM_PORT_BASE.value)
   if resolver is None:
@@ -228,11 +154,11 @@ def _cluster_from_flags(config):
           f'{", ".join(given)} need a cluster (TF_CONFIG describing one, or '
           f'--cluster_resolver=slurm).')
     return None, None
-  workers = len(distributed.cluster_dict(resolver).get(distributed.JOB_WORKER,
+  workers = len(cluster_plan.cluster_dict(resolver).get(cluster_plan.JOB_WORKER,
                                                        []))
   if plan is None:
-    distributed.ClusterPlan.from_strings(config, None, num_workers=workers)
-  plan.validate_cluster(distributed.cluster_dict(resolver))
+    cluster_plan.ClusterPlan.from_strings(config, None, num_workers=workers)
+  plan.validate_cluster(cluster_plan.cluster_dict(resolver))
   return resolver, plan
 
 
@@ -244,12 +170,14 @@ def main(argv):
   try:
     config = config_from_flags()
     resolver, plan = _cluster_from_flags(config)
-    if resolver is not None and resolver.task_type != distributed.JOB_CHIEF:
-      distributed.run_server(resolver, config, plan,
+    if resolver is not None and resolver.task_type != cluster_plan.JOB_CHIEF:
+      from mtssl.training.cluster import worker  # pylint: disable=g-import-not-at-top
+      worker.run_server(resolver, config, plan,
                              exit_when_done=_CLUSTER_RESOLVER.value == 'slurm')
       return 0
     if resolver is not None:
-      trainer = distributed.DistributedTrainer(config, plan, resolver)
+      from mtssl.training.cluster import coordinator  # pylint: disable=g-import-not-at-top
+      trainer = coordinator.DistributedTrainer(config, plan, resolver)
       logging.info('Cluster run: %s', plan.task_workers)
     else:
       trainer = trainer_lib.Trainer(config)
@@ -260,7 +188,7 @@ def main(argv):
   except (configs.ConfigError, sources_lib.DataSourceError) as e:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_USAGE
-  except distributed.ClusterError as e:
+  except cluster_plan.ClusterError as e:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_CLUSTER
 
@@ -281,7 +209,7 @@ def main(argv):
   except configs.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_USAGE
-  except distributed.ClusterError as e:
+  except cluster_plan.ClusterError as e:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_CLUSTER
   print(f'Checkpoint: {result["checkpoint"]}')

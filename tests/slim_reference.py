@@ -7,7 +7,7 @@ touches the eager context the Keras code runs in.
 import numpy as np
 import tensorflow as tf
 
-from mtssl.compat import import_tf_slim
+from mtssl.utils.compat import import_tf_slim
 
 slim = import_tf_slim()
 from tf_slim.nets import resnet_utils as slim_resnet_utils  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -7,12 +7,11 @@ not still exist when the interpreter shuts down.
 
 import numpy as np
 import tensorflow as tf
-import tf_keras
 
-from mtssl import model as model_lib
-from mtssl import optimizers
 from mtssl.backbones import resnet_v2
 from mtssl.data import sources
+from mtssl.training import core
+from mtssl.training import optimizers
 from mtssl.training import step as step_lib
 
 
@@ -69,9 +68,7 @@ def learning_run(task, name, source, steps, learning_rate, window, seed=0):
 
   Returns (per-step losses, per-window metric results).
   """
-  tf_keras.utils.set_random_seed(seed)
-  trunk = resnet_v2.trunk_from_name('resnet_v2_tiny', output_stride=8)
-  model = model_lib.MultiTaskModel(trunk, {name: task})
+  model = core.build_model('resnet_v2_tiny', 8, {name: task}, seed=seed)
   iterator = iter(task.make_dataset(source, task.config.batch_size, seed=seed))
   try:
     features, _ = next(iterator)

@@ -15,7 +15,7 @@ import tempfile
 import tensorflow as tf
 
 from mtssl import benchmark
-from mtssl import configs
+from mtssl.configs import training as configs
 
 
 def tiny_settings(tasks):
@@ -59,13 +59,13 @@ class StepBenchmarkTest(tf.test.TestCase):
     self.assertIn('no gradient kernel on CPU', rows[0]['error'])
 
   def test_spec_figures_for_the_paper_model(self):
-    # What forward_macs reports for the paper's col model; SPEC section 8.
+    # The reference count of the paper's col model: trunk 28.75 + head 35.7 G.
     config = configs.paper_config(['col']).tasks['col'].config
     counted = {'trunk_image_size': [256, 256], 'trunk_images_per_example': 1}
-    spec = benchmark.spec_forward_gmacs('col', 'resnet_v2_101', 8, config,
+    spec = benchmark.paper_model_gmacs('col', 'resnet_v2_101', 8, config,
                                         counted)
     self.assertAllClose(spec['forward_gmacs'], 28.75 + 35.7)
-    self.assertIsNone(benchmark.spec_forward_gmacs(
+    self.assertIsNone(benchmark.paper_model_gmacs(
         'col', 'resnet_v2_small', 8, config, counted))
 
   def test_target_rate_is_the_inverse_of_utilization(self):

@@ -11,9 +11,9 @@ import tf_keras
 from absl.testing import parameterized
 from skimage import color as skcolor
 
-from mtssl import model as model_lib
-from mtssl import optimizers
-from mtssl import preprocessing
+from mtssl.models import multitask as model_lib
+from mtssl.training import optimizers
+from mtssl.ops import preprocessing
 from mtssl.backbones import resnet_v2
 from mtssl.data import sources
 from mtssl.data import synthetic

@@ -26,10 +26,12 @@ from unittest import mock
 
 import tensorflow as tf
 
-from mtssl import configs
-from mtssl import optimizers
-from mtssl.training import distributed
-from mtssl.training import local_cluster
+from mtssl.configs import training as configs
+from mtssl.training import optimizers
+from mtssl.training.cluster import coordinator
+from mtssl.training.cluster import local as local_cluster
+from mtssl.training.cluster import plan as cluster_plan
+from mtssl.training.cluster import worker as cluster_worker
 from mtssl.training import trainer as trainer_lib
 
 # What the cluster trains: relative position on two workers, colorization on
@@ -76,7 +78,7 @@ def make_config(model_dir):
 
 
 def read_result(model_dir):
-  with open(os.path.join(model_dir, distributed.RESULT_FILE)) as f:
+  with open(os.path.join(model_dir, cluster_plan.RESULT_FILE)) as f:
     return json.load(f)
 
 
@@ -164,7 +166,7 @@ class ClusterTest(tf.test.TestCase):
     step = init.steps[FIRST]
     grads = []
     for rank in range(2):
-      ds = distributed.rank_pipeline(init.config, init.tasks[FIRST],
+      ds = cluster_worker.rank_pipeline(init.config, init.tasks[FIRST],
                                      init.sources[FIRST], FIRST, rank, start=0)
       features, labels = next(iter(ds))
       grads.append(step.compute_gradients(features, labels)['grads'])
@@ -277,7 +279,7 @@ class ClusterPlanTest(tf.test.TestCase):
     self.config = make_config(self.get_temp_dir())
 
   def test_assignments_follow_the_task_order(self):
-    plan = distributed.ClusterPlan.from_strings(
+    plan = cluster_plan.ClusterPlan.from_strings(
         self.config, f'{SECOND}:1,{FIRST}:2', f'{FIRST}:10', f'{SECOND}:0.5')
     self.assertEqual(plan.task_workers, {FIRST: 2, SECOND: 1})
     self.assertEqual(plan.assignments(), [(FIRST, 0), (FIRST, 1), (SECOND, 0)])
@@ -300,9 +302,9 @@ class ClusterPlanTest(tf.test.TestCase):
     ]
     for workers, cluster_workers, message in cases:
       with self.assertRaisesRegex(configs.ConfigError, message):
-        distributed.ClusterPlan.from_strings(self.config, workers,
+        cluster_plan.ClusterPlan.from_strings(self.config, workers,
                                              num_workers=cluster_workers)
-    plan = distributed.ClusterPlan.from_strings(self.config,
+    plan = cluster_plan.ClusterPlan.from_strings(self.config,
                                                 f'{FIRST}:2,{SECOND}:1')
     for cluster, message in (
         ({'ps': ['b:1'], 'worker': ['c:1'] * 3}, 'exactly one chief'),
@@ -313,42 +315,42 @@ class ClusterPlanTest(tf.test.TestCase):
         plan.validate_cluster(cluster)
 
   def test_resolvers(self):
-    self.assertIsNone(distributed.make_cluster_resolver('auto', environ={}))
+    self.assertIsNone(cluster_plan.make_cluster_resolver('auto', environ={}))
     cluster = {'chief': ['h0:1'], 'ps': ['h1:2'], 'worker': ['h2:3', 'h3:4']}
-    resolver = distributed.make_cluster_resolver('auto', environ={
+    resolver = cluster_plan.make_cluster_resolver('auto', environ={
         'TF_CONFIG': json.dumps({'cluster': cluster,
                                  'task': {'type': 'worker', 'index': 1}})})
     self.assertEqual((resolver.task_type, resolver.task_id), ('worker', 1))
-    self.assertEqual(distributed.cluster_dict(resolver), cluster)
+    self.assertEqual(cluster_plan.cluster_dict(resolver), cluster)
     with self.assertRaisesRegex(configs.ConfigError, 'not valid JSON'):
-      distributed.make_cluster_resolver('auto', environ={'TF_CONFIG': '{'})
+      cluster_plan.make_cluster_resolver('auto', environ={'TF_CONFIG': '{'})
     with self.assertRaisesRegex(configs.ConfigError, 'task type must be'):
-      distributed.make_cluster_resolver('tfconfig', environ={
+      cluster_plan.make_cluster_resolver('tfconfig', environ={
           'TF_CONFIG': json.dumps({'cluster': cluster,
                                    'task': {'type': 'evaluator'}})})
     # Slurm: 2 nodes x 3 tasks; rank 0 coordinates, then 2 ps, then 3 workers.
     slurm = {'SLURM_PROCID': '4', 'SLURM_STEP_NUM_TASKS': '6',
              'SLURM_STEP_NODELIST': 'node[1-2]',
              'SLURM_STEP_TASKS_PER_NODE': '3(x2)'}
-    resolver = distributed.make_cluster_resolver(
+    resolver = cluster_plan.make_cluster_resolver(
         'slurm', plan_workers=3, slurm_port_base=9000, environ=slurm)
-    self.assertEqual(distributed.cluster_dict(resolver), {
+    self.assertEqual(cluster_plan.cluster_dict(resolver), {
         'chief': ['node1:9000'], 'ps': ['node1:9001', 'node1:9002'],
         'worker': ['node2:9000', 'node2:9001', 'node2:9002']})
     self.assertEqual((resolver.task_type, resolver.task_id), ('worker', 1))
     with self.assertRaisesRegex(configs.ConfigError, 'leave 0 for parameter'):
-      distributed.make_cluster_resolver('slurm', plan_workers=5, environ=slurm)
+      cluster_plan.make_cluster_resolver('slurm', plan_workers=5, environ=slurm)
     with self.assertRaisesRegex(configs.ConfigError, 'SLURM_PROCID is not set'):
-      distributed.make_cluster_resolver('slurm', plan_workers=3, environ={})
+      cluster_plan.make_cluster_resolver('slurm', plan_workers=3, environ={})
 
   def test_cluster_failures_are_explained(self):
     cluster = {'chief': ['h0:1'], 'ps': ['h1:2', 'h4:7'],
                'worker': ['h2:3', 'h2:4', 'h3:5']}
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
         tf.train.ClusterSpec(cluster), task_type='chief', task_id=0)
-    plan = distributed.ClusterPlan.from_strings(self.config,
+    plan = cluster_plan.ClusterPlan.from_strings(self.config,
                                                 f'{FIRST}:2,{SECOND}:1')
-    trainer = distributed.DistributedTrainer(self.config, plan, resolver)
+    trainer = coordinator.DistributedTrainer(self.config, plan, resolver)
     failure = trainer._cluster_failure(tf.errors.InvalidArgumentError(  # pylint: disable=protected-access
         None, None, 'ValueError: Could not find callback with key='
         f'mtssl-input/{FIRST}/1/0123abcd/0 in the registry.'))
@@ -360,7 +362,7 @@ class ClusterPlanTest(tf.test.TestCase):
                  'failed to connect to all addresses; ipv4:h4:7: refused'):
       failure = trainer._cluster_failure(  # pylint: disable=protected-access
           tf.errors.UnavailableError(None, None, text))
-      self.assertIsInstance(failure, distributed.ClusterError)
+      self.assertIsInstance(failure, cluster_plan.ClusterError)
       self.assertRegex(str(failure), r'^Lost /job:ps/task:1 .*Restart the '
                        r'parameter server\(s\), then the coordinator')
     failure = trainer._cluster_failure(tf.errors.UnavailableError(  # pylint: disable=protected-access
@@ -375,7 +377,7 @@ class ClusterPlanTest(tf.test.TestCase):
 
     @tf.function
     def build():
-      with distributed.worker_local_python_functions('prefix/x'):
+      with cluster_worker.worker_local_python_functions('prefix/x'):
         return tf.numpy_function(lambda v: calls.append(v) or v,
                                  [tf.constant(1)], tf.int32)
 
@@ -393,15 +395,15 @@ class ClusterPlanTest(tf.test.TestCase):
     self.assertTrue(op.get_attr('token').startswith(b'pyfunc_'))
 
   def test_ranks_read_distinct_streams_and_rank_0_the_task_stream(self):
-    seeds = {distributed.rank_seed(3, FIRST, r) for r in range(16)}
+    seeds = {cluster_worker.rank_seed(3, FIRST, r) for r in range(16)}
     self.assertLen(seeds, 16)
-    self.assertEqual(distributed.rank_seed(3, FIRST, 0),
+    self.assertEqual(cluster_worker.rank_seed(3, FIRST, 0),
                      trainer_lib.task_seed(3, FIRST))
-    a = distributed.input_prefix(self.config, FIRST, 0)
-    self.assertNotEqual(a, distributed.input_prefix(self.config, FIRST, 1))
+    a = cluster_worker.input_prefix(self.config, FIRST, 0)
+    self.assertNotEqual(a, cluster_worker.input_prefix(self.config, FIRST, 1))
     other = make_config(self.get_temp_dir())
     other.tasks[FIRST].config.batch_size = 3
-    self.assertNotEqual(a, distributed.input_prefix(other, FIRST, 0))
+    self.assertNotEqual(a, cluster_worker.input_prefix(other, FIRST, 0))
 
   def test_wrong_worker_counts_fail_before_any_work(self):
     from mtssl import train  # pylint: disable=g-import-not-at-top

@@ -7,6 +7,8 @@ from mtssl.data import synthetic
 from mtssl.evaluation import data as data_lib
 from mtssl.evaluation import depth
 from mtssl.evaluation import factory
+from mtssl.evaluation import runner
+from mtssl.evaluation import trunks
 from tests import eval_fixtures
 
 
@@ -119,6 +121,28 @@ class DepthEndToEndTest(tf.test.TestCase):
     self.assertAllClose(np.sum(alpha**2), 1.0, atol=1e-5)
     self.assertNotAllClose(alpha, [0.0, 0.0, 1.0])
     self.assertEqual(report['trunk']['output_stride'], 16)
+
+  def test_dropped_non_finite_step_restores_batch_norm_statistics(self):
+    options = tiny_options(self.get_temp_dir() + '/nan', train_batch_norm=True)
+    evaluation = factory.make_evaluation('depth', options)
+    protocol = evaluation.make_protocol(
+        trunks.make_trunk_provider(evaluation.trunk_spec).build())
+    batch = next(iter(protocol.train_dataset(0, 0, 4)))
+    protocol.build(batch)
+    step = runner._TrainStep(protocol, runner.make_optimizer(  # pylint: disable=protected-access
+        evaluation.run_config))
+    moving = protocol.moving_statistics()
+    self.assertNotEmpty(moving)
+    _, applied = step.fn(batch)
+    self.assertTrue(bool(applied))
+    state = [v.numpy() for v in protocol.trunk.variables
+             + protocol.head.variables]
+    bad = dict(batch, image=tf.fill(tf.shape(batch['image']), float('nan')))
+    _, applied = step.fn(bad)
+    self.assertFalse(bool(applied))
+    for before, var in zip(state, protocol.trunk.variables
+                           + protocol.head.variables):
+      self.assertAllEqual(before, var.numpy(), msg=var.name)
 
 
 if __name__ == '__main__':

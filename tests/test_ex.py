@@ -5,7 +5,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from mtssl import preprocessing
+from mtssl.ops import preprocessing
 from mtssl.data import sources
 from mtssl.tasks import base
 from mtssl.tasks import ex

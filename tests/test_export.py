@@ -24,12 +24,12 @@ from absl import flags
 from tensorflow_serving.apis import prediction_log_pb2
 
 from mtssl import export
-from mtssl import serving
+from mtssl.deploy import serving
 from mtssl.backbones import resnet_v2
 from mtssl.backbones import slim_checkpoint
 from mtssl.data import sources
 from mtssl.data import synthetic
-from mtssl.preprocessing import vgg_preprocess
+from mtssl.ops.preprocessing import vgg_preprocess
 
 TRUNK = 'resnet_v2_tiny'
 SIZE = 64  # Serving size; the tiny trunk at stride 8 gives 8x8x128 features.

@@ -3,7 +3,7 @@
 import tensorflow as tf
 import tf_keras
 
-from mtssl import flops
+from mtssl.benchmarking import flops
 from mtssl.backbones import resnet_v2 as resnet_lib
 
 

@@ -5,7 +5,7 @@ import stat
 
 import tensorflow as tf
 
-from mtssl import io_utils
+from mtssl.utils import io_utils
 
 
 class AtomicWriteTest(tf.test.TestCase):

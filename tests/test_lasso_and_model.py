@@ -3,9 +3,9 @@
 import numpy as np
 import tensorflow as tf
 
-from mtssl import lasso as lasso_lib
-from mtssl import model as model_lib
-from mtssl import optimizers
+from mtssl.models import lasso as lasso_lib
+from mtssl.models import multitask as model_lib
+from mtssl.training import optimizers
 from mtssl.backbones import resnet_v2 as resnet_lib
 from mtssl.backbones import slim_checkpoint
 from mtssl.data import sources

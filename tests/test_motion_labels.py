@@ -18,7 +18,7 @@ from mtssl.data import motion_sources
 from mtssl.data import synthetic_video as sv
 from mtssl.motion import extraction
 from mtssl.motion import labels as labels_lib
-from mtssl.motion import records
+from mtssl.data import motion_records as records
 from mtssl.motion import videos
 from tests import motion_helpers
 

@@ -7,14 +7,14 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from mtssl import model as model_lib
-from mtssl import optimizers
+from mtssl.models import multitask as model_lib
+from mtssl.training import optimizers
 from mtssl.backbones import resnet_v2
 from mtssl.data import motion_sources
 from mtssl.data import sources
 from mtssl.data import synthetic_video
 from mtssl.motion import labels as labels_lib
-from mtssl.motion import records
+from mtssl.data import motion_records as records
 from mtssl.tasks import base
 from mtssl.tasks import ms
 from mtssl.training import step as step_lib

@@ -14,9 +14,9 @@ import tensorflow as tf
 import tf_keras
 from absl.testing import parameterized
 
-from mtssl import model as model_lib
-from mtssl import optimizers
-from mtssl import reference_pipelines as ref
+from mtssl.models import multitask as model_lib
+from mtssl.training import optimizers
+from mtssl.benchmarking import reference_pipelines as ref
 from mtssl.backbones import resnet_v2
 from mtssl.data import motion_sources
 from mtssl.data import prefetch

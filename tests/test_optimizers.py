@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from mtssl import optimizers
+from mtssl.training import optimizers
 
 
 def tf1_trajectory(initial, grads, lr, decay, momentum, epsilon):

@@ -10,7 +10,7 @@ trains the full-size model.
 import numpy as np
 import tensorflow as tf
 
-from mtssl import configs
+from mtssl.configs import training as configs
 from mtssl.training import trainer as trainer_lib
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from mtssl import preprocessing
+from mtssl.ops import preprocessing
 
 
 class VggPreprocessTest(tf.test.TestCase):

@@ -5,12 +5,10 @@ import tensorflow as tf
 from absl.testing import parameterized
 from skimage import color as skcolor
 
-from mtssl import preprocessing
+from mtssl.ops import preprocessing
 from mtssl.data import sources
 from mtssl.ops import color
 from mtssl.tasks import base
-from mtssl.tasks import heads
-from mtssl.tasks import patches
 from mtssl.tasks import rp
 from tests import task_checks
 
@@ -289,7 +287,7 @@ class HeadTest(tf.test.TestCase):
     self.assertNotAllClose(head(swapped, training=False), logits)
 
   def test_fully_connected_units(self):
-    unit = heads.FullyConnectedBottleneck(32, 8, name='fc')
+    unit = rp.FullyConnectedBottleneck(32, 8, name='fc')
     out = unit(tf.random.normal([2, 1, 1, 64]))
     self.assertEqual(out.shape, (2, 1, 1, 32))
     shapes = {k: tuple(v.shape) for k, v in unit.slim_variables('fc').items()}

@@ -8,7 +8,7 @@ import sys
 import tensorflow as tf
 from absl.testing import parameterized
 
-from mtssl import configs
+from mtssl.configs import training as configs
 from mtssl import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

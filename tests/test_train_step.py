@@ -4,8 +4,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from mtssl import model as model_lib
-from mtssl import optimizers
+from mtssl.models import multitask as model_lib
+from mtssl.training import optimizers
 from mtssl.backbones import resnet_v2 as resnet_lib
 from mtssl.data import sources
 from mtssl.training import step as step_lib

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from mtssl import configs
+from mtssl.configs import training as configs
 from mtssl.tasks import col
 from mtssl.tasks import rp
 from mtssl.training import trainer as trainer_lib
@@ -129,7 +129,7 @@ class TrainerTest(tf.test.TestCase):
     first.train()
     second = trainer_lib.Trainer(real_config(resumed_dir, steps=6))
     result = second.train()
-    self.assertIsNotNone(second.resumed_from)
+    self.assertIsNotNone(second.run.resumed_from)
     self.assertEqual(result['task_steps'], straight_result['task_steps'])
     for name, value in snapshot(second.model.variables).items():
       self.assertAllEqual(value, expected[name], msg=name)

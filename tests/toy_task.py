@@ -9,7 +9,7 @@ import dataclasses
 import tensorflow as tf
 import tf_keras
 
-from mtssl import preprocessing
+from mtssl.ops import preprocessing
 from mtssl.tasks import base
 
 

@@ -26,8 +26,6 @@ import sys
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 # TensorFlow and mtssl load in main(), once the flags are checked.
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None,
@@ -65,7 +63,7 @@ def main(argv):
           f'or a prefix with a .index file).', file=sys.stderr)
     return 2
   # pylint: disable=g-import-not-at-top
-  from mtssl import model as model_lib
+  from mtssl.models import multitask as model_lib
   from mtssl.backbones import resnet_v2
   from mtssl.data import sources
   from mtssl.tasks import col

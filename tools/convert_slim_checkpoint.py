@@ -20,9 +20,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mtssl.backbones import slim_checkpoint  # pylint: disable=wrong-import-position
+from mtssl.backbones import slim_checkpoint
 
 _SLIM_CHECKPOINT = flags.DEFINE_string(
     'slim_checkpoint', None, 'TF-Slim checkpoint prefix or directory.')

@@ -28,8 +28,6 @@ from absl import app
 from absl import flags
 from absl import logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 # TensorFlow and mtssl load in main(), once the flags are checked.
 
 _SOURCE = flags.DEFINE_string(

@@ -21,17 +21,14 @@ Exit status: 0 done, 2 the run could not start (the message says why).
 """
 
 import json
-import os
 import sys
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mtssl.motion import extraction  # pylint: disable=wrong-import-position
-from mtssl.motion import labels  # pylint: disable=wrong-import-position
-from mtssl.motion import videos  # pylint: disable=wrong-import-position
+from mtssl.motion import extraction
+from mtssl.motion import labels
+from mtssl.motion import videos
 
 _VIDEOS = flags.DEFINE_string('videos', None, 'Folder of videos (searched '
                               'recursively).')

@@ -18,17 +18,13 @@ resumes from the last checkpoint. Logs: <cluster_log_dir>/<job>-<index>.log.
 Exit status: the coordinator's.
 """
 
-import os
-import sys
 import time
 
 from absl import app
 from absl import flags
 from absl import logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mtssl.training import local_cluster  # pylint: disable=wrong-import-position
+from mtssl.training.cluster import local as local_cluster
 
 EXIT_CLUSTER = 4  # mtssl.train: a parameter server was lost
 

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from mtssl import io_utils
+from mtssl.utils import io_utils
 from mtssl.backbones import resnet_v2 as resnet_lib
 
 CONVERTED_PREFIX = 'backbone'

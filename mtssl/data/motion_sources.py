@@ -32,7 +32,7 @@ import tensorflow as tf
 from mtssl.data import sources
 from mtssl.data import synthetic_video
 from mtssl.motion import labels as labels_lib
-from mtssl.motion import records
+from mtssl.data import motion_records as records
 
 TRUNCATED_SHARD = 'ms_truncated_shard'
 

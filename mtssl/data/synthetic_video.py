@@ -38,7 +38,7 @@ from typing import Optional, Tuple
 import cv2
 import numpy as np
 
-from mtssl import io_utils
+from mtssl.utils import io_utils
 from mtssl.data import synthetic
 
 # Classes whose objects move (the independently moving foreground) and

@@ -57,8 +57,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from mtssl import lasso as lasso_lib
-from mtssl import preprocessing
+from mtssl.models import lasso as lasso_lib
+from mtssl.ops import preprocessing
 from mtssl.backbones import resnet_v2 as resnet_lib
 from mtssl.evaluation import augment
 from mtssl.evaluation import data as data_lib

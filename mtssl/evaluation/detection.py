@@ -111,8 +111,8 @@ from official.vision.modeling.layers import roi_sampler
 from official.vision.ops import anchor as anchor_lib
 from official.vision.ops import preprocess_ops
 
-from mtssl import lasso as lasso_lib
-from mtssl import preprocessing
+from mtssl.models import lasso as lasso_lib
+from mtssl.ops import preprocessing
 from mtssl.backbones import resnet_v2 as resnet_lib
 from mtssl.backbones import slim_checkpoint
 from mtssl.evaluation import augment

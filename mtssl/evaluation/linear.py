@@ -14,7 +14,7 @@ What is implemented, and the choices the paper leaves open:
 
 * The trunk runs in inference mode (batch-norm moving statistics) and no
   gradient reaches it; only the linear layer (and, with the lasso, the
-  evaluation task's alpha over the block-3 units, mtssl.lasso.UnitLasso)
+  evaluation task's alpha over the block-3 units, mtssl.models.lasso.UnitLasso)
   train.
 * "Max pooling to 3 x 3" is an adaptive max pool: the feature map is split
   into 3 x 3 bins, bin i of n covering rows floor(i*H/n) .. ceil((i+1)*H/n)
@@ -49,8 +49,8 @@ from typing import Optional
 import tensorflow as tf
 import tf_keras
 
-from mtssl import lasso as lasso_lib
-from mtssl import preprocessing
+from mtssl.models import lasso as lasso_lib
+from mtssl.ops import preprocessing
 from mtssl.ops import pooling
 from mtssl.backbones import resnet_v2 as resnet_lib
 from mtssl.evaluation import augment

@@ -40,9 +40,10 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from mtssl import io_utils
-from mtssl import optimizers as optimizers_lib
+from mtssl.utils import io_utils
+from mtssl.training import optimizers as optimizers_lib
 from mtssl.evaluation import data as data_lib
+from mtssl.training import core
 
 
 class EvaluationError(ValueError):
@@ -194,6 +195,18 @@ class Protocol(abc.ABC):
   def trainable_variables(self) -> List[tf.Variable]:
     """What the optimizer updates."""
 
+  def moving_statistics(self) -> List[tf.Variable]:
+    """Batch-norm moving statistics of the checkpointed modules (a dropped
+    non-finite step puts them back)."""
+    seen, out = set(), []
+    modules = [m for m in self.checkpoint_items.values()
+               if isinstance(m, tf.Module)]
+    for v in core.moving_statistics(*modules):
+      if v.ref() not in seen:
+        seen.add(v.ref())
+        out.append(v)
+    return out
+
   @abc.abstractmethod
   def losses(self, batch: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     """Training-mode losses; 'total' is the objective (with regularization)."""
@@ -273,27 +286,13 @@ class _TrainStep:
 
   def __init__(self, protocol: Protocol, optimizer):
     self.protocol = protocol
-    self.optimizer = optimizer
-    self.variables = protocol.trainable_variables()
-    optimizer._create_all_weights(self.variables)  # pylint: disable=protected-access
+    self.update = core.GuardedUpdate(optimizer, protocol.trainable_variables(),
+                                     protocol.moving_statistics())
     self.fn = tf.function(self._step, reduce_retracing=True)
 
   def _step(self, batch):
-    with tf.GradientTape() as tape:
-      losses = self.protocol.losses(batch)
-    grads = tape.gradient(losses['total'], self.variables)
-    finite = tf.math.is_finite(losses['total'])
-    for g in grads:
-      if g is not None:
-        finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(g)))
-
-    def apply():
-      self.optimizer.apply_gradients(
-          [(g, v) for g, v in zip(grads, self.variables) if g is not None])
-      return tf.constant(True)
-
-    applied = tf.cond(finite, apply, lambda: tf.constant(False))
-    return losses, applied
+    result = self.update.gradients(lambda: self.protocol.losses(batch))
+    return result['losses'], self.update.apply(result)
 
 
 def run(protocol: Protocol, config: RunConfig,

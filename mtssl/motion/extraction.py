@@ -3,7 +3,7 @@
 The library behind tools/extract_motion_labels.py. Videos are processed in
 parallel worker processes (`mtssl.motion.videos.process_video`, no
 TensorFlow in the workers); the main process serializes their examples into
-TFRecord shards (`mtssl.motion.records`).
+TFRecord shards (`mtssl.data.motion_records`).
 
 Output directory:
 
@@ -44,7 +44,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mtssl import io_utils
+from mtssl.utils import io_utils
 from mtssl.motion import videos as videos_lib
 
 FORMAT_VERSION = 1
@@ -282,7 +282,7 @@ def run_extraction(input_dir: str, output_dir: str,
         f'Video folder {input_dir!r} holds no video files '
         f'({", ".join(videos_lib.VIDEO_EXTENSIONS)}).')
   # TensorFlow (for writing TFRecords) only once the run can start.
-  from mtssl.motion import records  # pylint: disable=g-import-not-at-top
+  from mtssl.data import motion_records as records  # pylint: disable=g-import-not-at-top
   workers = max(1, workers or os.cpu_count() or 1)
   os.makedirs(os.path.join(output_dir, PROGRESS_DIR), exist_ok=True)
   if overwrite:

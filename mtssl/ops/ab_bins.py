@@ -70,7 +70,7 @@ from typing import Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from mtssl import io_utils
+from mtssl.utils import io_utils
 from mtssl.ops import color
 
 NUM_BINS = 313        # Q of Zhang et al.

@@ -2,7 +2,7 @@
 
 A task is one self-contained unit: its input pipeline, its head (a subclassed
 tf_keras Model), its loss and its metrics. The multi-task model
-(mtssl.model.MultiTaskModel) joins one shared trunk with any set of task heads
+(mtssl.models.multitask.MultiTaskModel) joins one shared trunk with any set of task heads
 and knows nothing task-specific, so a new task is a new module that subclasses
 `Task` and registers itself with `@register`; no other task changes.
 
@@ -33,7 +33,7 @@ trunk as one batch); the head rearranges them.
 
 import abc
 import dataclasses
-from typing import Any, ClassVar, Dict, Optional, Type
+from typing import Any, ClassVar, Dict, Optional, Tuple, Type
 
 import tensorflow as tf
 import tf_keras
@@ -59,6 +59,17 @@ class Task(abc.ABC):
 
   name: ClassVar[str]
   config_class: ClassVar[Type[TaskConfig]] = TaskConfig
+  # What the presets, the compute accounting and the benchmark know of a task.
+  # K40 GPU-hours per ImageNet epoch (paper section 6.1); None: not given.
+  paper_epoch_gpu_hours: ClassVar[Optional[float]] = None
+  # Config values of the CPU preset (narrow heads; input sizes stay).
+  cpu_overrides: ClassVar[Dict[str, Any]] = {}
+  # Config fields that size the head: at their defaults, the paper's head.
+  head_fields: ClassVar[Tuple[str, ...]] = ()
+  # Trunk inputs per example of the paper's setting: (count, (height, width)).
+  paper_trunk_inputs: ClassVar[Optional[Tuple[int, Tuple[int, int]]]] = None
+  # 'image' (an ImageSource) or 'video' (frames with motion labels).
+  input_kind: ClassVar[str] = 'image'
 
   def __init__(self, config: Optional[TaskConfig] = None):
     self.config = config if config is not None else self.config_class()
@@ -104,6 +115,19 @@ class Task(abc.ABC):
     """Images to show in TensorBoard ([N, H, W, 3] float in [0, 1])."""
     del features, labels, outputs
     return {}
+
+  def paper_head_gmacs(self, trunk_images: int) -> Optional[float]:
+    """Forward G multiply-accumulates of the paper's head per example, fed
+    `trunk_images` trunk outputs; None where the figure is unknown."""
+    del trunk_images
+    return None
+
+  def has_paper_head(self) -> bool:
+    """Whether the config's head-sizing fields are the paper's (defaults)."""
+    defaults = self.config_class()
+    return bool(self.head_fields) and all(
+        getattr(self.config, f) == getattr(defaults, f)
+        for f in self.head_fields)
 
   def examples_in(self, features: Dict[str, tf.Tensor]) -> tf.Tensor:
     """Number of examples in a batch (what examples/s counts)."""

@@ -71,14 +71,18 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from mtssl import io_utils
-from mtssl import preprocessing
+from mtssl.utils import io_utils
+from mtssl.ops import preprocessing
 from mtssl.backbones import resnet_v2
 from mtssl.backbones import slim_checkpoint
 from mtssl.ops import ab_bins
 from mtssl.ops import color
 from mtssl.tasks import base
 from mtssl.tasks import heads
+
+# Forward G multiply-accumulates of the paper's colorization head per
+# 256x256 image, the reference count of the paper's model.
+PAPER_HEAD_GMACS = 35.7
 
 _SEED_SALT = 0xC01  # Separates this task's per-example draws from other tasks'.
 SKIP_REASON = 'col_skipped_grayscale'
@@ -235,6 +239,14 @@ class ColorizationTask(base.Task):
 
   name = 'col'
   config_class = ColConfig
+  paper_epoch_gpu_hours = 90.0
+  cpu_overrides = {'head_widths': (256, 256)}
+  paper_trunk_inputs = (1, (256, 256))
+  head_fields = ('image_size', 'head_widths', 'target_stride')
+
+  def paper_head_gmacs(self, trunk_images):
+    del trunk_images
+    return PAPER_HEAD_GMACS
   # The paper gives one ImageNet epoch as ~90 K40 GPU-hours but no batch
   # size, so no per-step cost is claimed here (the trainer measures it).
 

@@ -53,7 +53,7 @@ arrangement is a fixed roll within the batch, so batches are a function of
 
 Model: the three patches of every example go through the trunk as one batch
 (`trunk_images` -> [3B, 96, 96, 3], example-major: x1, x2, candidate) and the
-head (`heads.PatchEmbeddingHead`: two strided residual units, 3x3x512,
+head (`PatchEmbeddingHead`: two strided residual units, 3x3x512,
 flattened) returns [B, 3, 4608]. Metrics: triplet accuracy
 (D(f1, f2) < D(f1, f3)) and loss.
 """
@@ -66,11 +66,41 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from mtssl import preprocessing
+from mtssl.backbones import resnet_v2
 from mtssl.ops import color
+from mtssl.ops import preprocessing
 from mtssl.tasks import base
 from mtssl.tasks import heads
 from mtssl.tasks import patches
+
+class PatchEmbeddingHead(tf_keras.Model):
+  """Exemplar's head: per patch, two strided units, flattened (paper: 4608).
+
+  Called on the trunk features of `group` patches per example stacked
+  example-major ([group * B, h, w, C]); returns [B, group, D].
+  """
+
+  def __init__(self, group: int, unit_depths=heads.PAPER_UNIT_DEPTHS,
+               unit_bottleneck=heads.PAPER_UNIT_BOTTLENECK,
+               weight_decay=resnet_v2.WEIGHT_DECAY, **kwargs):
+    super().__init__(**kwargs)
+    self.group = group
+    self.unit_depths = tuple(unit_depths)
+    self.units = heads.patch_units(self.unit_depths, unit_bottleneck, weight_decay)
+    self.embedding_size = None
+
+  def build(self, input_shape):
+    self.embedding_size = heads.static_patch_width(input_shape, self.unit_depths)
+    # Sub-layers build on the first call; Model.build would trace call() on
+    # placeholders instead.
+    tf_keras.layers.Layer.build(self, input_shape)
+
+  def call(self, features, training=None):
+    x = features
+    for unit in self.units:
+      x = unit(x, training=training)
+    return tf.reshape(x, [-1, self.group, self.embedding_size])
+
 
 MARGIN = 0.5
 # Principal components of ImageNet pixel colours (RGB in [0, 1]), one per
@@ -261,6 +291,13 @@ class ExemplarTask(base.Task):
 
   name = 'ex'
   config_class = ExConfig
+  paper_epoch_gpu_hours = 60.0
+  cpu_overrides = {'unit_depths': (128, 64), 'unit_bottleneck': 32}
+  paper_trunk_inputs = (3, (96, 96))
+  head_fields = ('patch_size', 'unit_depths', 'unit_bottleneck')
+
+  def paper_head_gmacs(self, trunk_images):
+    return heads.PAPER_PATCH_HEAD_GMACS * trunk_images
 
   def example(self, index, image, seed):
     """Three views of one image; pure in (seed, index).
@@ -328,7 +365,7 @@ class ExemplarTask(base.Task):
 
   def build_head(self):
     cfg = self.config
-    return heads.PatchEmbeddingHead(
+    return PatchEmbeddingHead(
         _VIEWS, unit_depths=cfg.unit_depths,
         unit_bottleneck=cfg.unit_bottleneck, weight_decay=cfg.weight_decay,
         name='ex_head')

@@ -38,12 +38,16 @@ from typing import Dict, Sequence, Tuple
 import tensorflow as tf
 import tf_keras
 
-from mtssl import preprocessing
+from mtssl.ops import preprocessing
 from mtssl.backbones import resnet_v2
 from mtssl.data import motion_sources
 from mtssl.data import sources
 from mtssl.tasks import base
 from mtssl.tasks import heads
+
+# Forward G multiply-accumulates of the paper's motion-segmentation head per
+# 240x320 frame, the reference count of the paper's model.
+PAPER_HEAD_GMACS = 25.2
 
 
 @dataclasses.dataclass
@@ -117,6 +121,14 @@ class MotionSegmentationTask(base.Task):
 
   name = 'ms'
   config_class = MsConfig
+  cpu_overrides = {'head_widths': (256, 256)}
+  paper_trunk_inputs = (1, (240, 320))
+  head_fields = ('frame_height', 'frame_width', 'head_widths')
+  input_kind = 'video'
+
+  def paper_head_gmacs(self, trunk_images):
+    del trunk_images
+    return PAPER_HEAD_GMACS
   # The paper gives one epoch of its video set as ~400 K40 GPU-hours but
   # neither the set's size nor the batch size, so no per-step cost is claimed
   # here (the trainer measures it).

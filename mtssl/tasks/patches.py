@@ -8,7 +8,7 @@ parallelism of the pipeline (the dataset contract of mtssl.tasks.base).
 
 import tensorflow as tf
 
-from mtssl import preprocessing
+from mtssl.ops import preprocessing
 
 
 def example_seed(seed, index, salt: int) -> tf.Tensor:

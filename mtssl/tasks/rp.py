@@ -68,7 +68,7 @@ Every random draw is stateless, from (seed, k) and the draw's number.
 
 Model: both patches of every pair go through the trunk as one batch
 (`trunk_images` -> [2B, 96, 96, 3], pair-major) and the head
-(`heads.RelativePositionHead`) re-pairs them. Loss: softmax cross-entropy,
+(`RelativePositionHead`) re-pairs them. Loss: softmax cross-entropy,
 mean over the batch. Metrics: accuracy and loss.
 """
 
@@ -78,13 +78,97 @@ from typing import Optional, Tuple
 import tensorflow as tf
 import tf_keras
 
-from mtssl import preprocessing
+from mtssl.backbones import resnet_v2
 from mtssl.ops import color
+from mtssl.ops import preprocessing
 from mtssl.tasks import base
 from mtssl.tasks import heads
 from mtssl.tasks import patches
 
 # (dy, dx) of the second patch relative to the first, indexed by label.
+PAPER_FC_BOTTLENECK = 512
+PAPER_NUM_FC_UNITS = 3
+
+
+class FullyConnectedBottleneck(resnet_v2.BottleneckV2):
+  """A Slim bottleneck unit on 1x1 maps with a 1x1 middle convolution."""
+
+  def __init__(self, depth, depth_bottleneck,
+               weight_decay=resnet_v2.WEIGHT_DECAY, **kwargs):
+    super().__init__(depth, depth_bottleneck, stride=1, rate=1,
+                     weight_decay=weight_decay, **kwargs)
+    # Replaces the 3x3 middle convolution before anything is built.
+    self.conv2 = resnet_v2.SlimConv2D(depth_bottleneck, 1, 1,
+                                      weight_decay=weight_decay, name='conv2')
+
+  def get_config(self):
+    config = super().get_config()
+    del config['stride'], config['rate']
+    return config
+
+
+class RelativePositionHead(tf_keras.Model):
+  """Relative position's head (design choices: BUILD.md, "Head widths"); 8-way logits.
+
+  Called on the trunk features of both patches of every pair stacked
+  pair-major ([2B, h, w, C]: pair 0 first patch, pair 0 second patch, pair 1
+  first patch, ...); returns logits [B, num_classes].
+  """
+
+  def __init__(self, num_classes: int = 8, unit_depths=heads.PAPER_UNIT_DEPTHS,
+               unit_bottleneck=heads.PAPER_UNIT_BOTTLENECK,
+               fc_depth: Optional[int] = None,
+               fc_bottleneck=PAPER_FC_BOTTLENECK,
+               num_fc_units=PAPER_NUM_FC_UNITS,
+               weight_decay=resnet_v2.WEIGHT_DECAY, **kwargs):
+    super().__init__(**kwargs)
+    self.num_classes = num_classes
+    self.unit_depths = tuple(unit_depths)
+    self.fc_depth = fc_depth
+    self.fc_bottleneck = fc_bottleneck
+    self.num_fc_units = num_fc_units
+    self.weight_decay = weight_decay
+    self.units = heads.patch_units(self.unit_depths, unit_bottleneck, weight_decay)
+    self.fc_units = []  # Sized in build() from the patch features' width.
+    self.patch_width = None
+    self.postnorm = tf_keras.layers.BatchNormalization(
+        momentum=resnet_v2.BATCH_NORM_DECAY, epsilon=resnet_v2.BATCH_NORM_EPSILON,
+        name='postnorm')
+    self.logits = resnet_v2.SlimConv2D(num_classes, 1, batch_norm=False,
+                                       activation=False,
+                                       weight_decay=weight_decay, name='logits')
+
+  def build(self, input_shape):
+    self.patch_width = heads.static_patch_width(input_shape, self.unit_depths)
+    depth = self.fc_depth or self.patch_width
+    # Extend the tracked list rather than replacing it: a checkpoint restore
+    # requested before the head was built is attached to this list object.
+    self.fc_units.extend(
+        FullyConnectedBottleneck(depth, self.fc_bottleneck,
+                                 weight_decay=self.weight_decay,
+                                 name=f'fc_unit_{i + 1}/bottleneck_v2')
+        for i in range(self.num_fc_units))
+    tf_keras.layers.Layer.build(self, input_shape)
+
+  def patch_features(self, features, training=None):
+    """The flattened per-patch features, [N, patch_width]."""
+    x = features
+    for unit in self.units:
+      x = unit(x, training=training)
+    return tf.reshape(x, [-1, self.patch_width])
+
+  def call(self, features, training=None):
+    # Row-major reshape of [2B, F] to [B, 2F] concatenates each pair's first
+    # and second patch features, in that order.
+    pairs = tf.reshape(self.patch_features(features, training=training),
+                       [-1, 1, 1, 2 * self.patch_width])
+    x = pairs
+    for unit in self.fc_units:
+      x = unit(x, training=training)
+    x = tf.nn.relu(self.postnorm(x, training=training))
+    return tf.reshape(self.logits(x), [-1, self.num_classes])
+
+
 LABEL_OFFSETS = ((-1, -1), (-1, 0), (-1, 1),
                  (0, -1), (0, 1),
                  (1, -1), (1, 0), (1, 1))
@@ -113,8 +197,8 @@ class RPConfig(base.TaskConfig):
   unit_depths: Tuple[int, ...] = heads.PAPER_UNIT_DEPTHS
   unit_bottleneck: int = heads.PAPER_UNIT_BOTTLENECK
   fc_depth: Optional[int] = None  # None: one patch's flattened width (4608).
-  fc_bottleneck: int = heads.PAPER_FC_BOTTLENECK
-  num_fc_units: int = heads.PAPER_NUM_FC_UNITS
+  fc_bottleneck: int = PAPER_FC_BOTTLENECK
+  num_fc_units: int = PAPER_NUM_FC_UNITS
   weight_decay: float = 1e-4
   # Resize only the patch windows (same values; module docstring).
   fast_preprocessing: bool = True
@@ -263,6 +347,15 @@ class RelativePositionTask(base.Task):
 
   name = 'rp'
   config_class = RPConfig
+  paper_epoch_gpu_hours = 350.0
+  cpu_overrides = {'unit_depths': (128, 64), 'unit_bottleneck': 32,
+                   'fc_bottleneck': 128}
+  paper_trunk_inputs = (2, (96, 96))
+  head_fields = ('patch_size', 'unit_depths', 'unit_bottleneck', 'fc_depth',
+                 'fc_bottleneck', 'num_fc_units')
+
+  def paper_head_gmacs(self, trunk_images):
+    return heads.PAPER_PATCH_HEAD_GMACS * trunk_images
 
   def example(self, index, image, seed, counter=None):
     """One (features, labels) pair from one image; pure in (seed, index).
@@ -324,7 +417,7 @@ class RelativePositionTask(base.Task):
 
   def build_head(self):
     cfg = self.config
-    return heads.RelativePositionHead(
+    return RelativePositionHead(
         NUM_CLASSES, unit_depths=cfg.unit_depths,
         unit_bottleneck=cfg.unit_bottleneck, fc_depth=cfg.fc_depth,
         fc_bottleneck=cfg.fc_bottleneck, num_fc_units=cfg.num_fc_units,

@@ -1,288 +1,87 @@
-"""Joint multi-task pre-training on one machine (paper section 4, SPEC 5).
+"""Joint multi-task pre-training on one machine (paper section 4).
 
-One shared trunk, one head per task, one active head per step. Tasks take
-turns by a seeded schedule: round-robin by default, or weighted, where the
-task of global step g is drawn from (seed, g) alone, so the order survives a
-restart. The total objective is the sum of the task losses, reached by
-alternating steps. Each task has its own TF1-exact RMSProp whose slots cover
-the trunk and that task's head (and alpha).
-
-Checkpoints (tf.train.CheckpointManager, `<model_dir>/ckpt-N`) hold the
-trunk (`backbone`, so it restores alone), the heads, the lasso alphas, every
-task's optimizer state, and the run state: global step, per-task step counts,
-per-task stream positions (where each task's data resumes), per-task measured
-step times, the cost counters and the seed. Every random choice in the input
-pipelines and the schedule is a stateless function of (seed, position) or
-(seed, step), so this state is the whole RNG state: an interrupted run that
-resumes reproduces the uninterrupted one (bit-for-bit on CPU; with
-`deterministic=True` TensorFlow's op determinism guarantees it on any
-device). The seed also fixes the initial weights. TensorFlow writes checkpoint data under temporary names
-and updates the `checkpoint` index file last, so a killed run leaves the
-previous checkpoint intact.
-
-Compute accounting follows the paper (configs.py): cost per task = steps x a
-constant step cost; a snapshot (`<model_dir>/snapshots/snapshot-N`, never
-deleted) is written each time the total crosses a multiple of snapshot_cost.
-
-A non-finite loss or gradient skips the step (nothing is applied); after
-`max_nonfinite_steps` consecutive non-finite steps of one task the run stops
-with NonFiniteLossError, keeping the last good checkpoint.
+One shared trunk, one head per task, one active head per step; tasks take
+turns by a seeded schedule (round-robin, or weighted). `Trainer(config)`
+composes a `run.Run` (model, optimizers, state, checkpoints) and owns the loop:
+schedule, input, step, counters, logs, summaries, checkpoints and snapshots.
 """
 
 import collections
-import contextlib
-import dataclasses
-import math
-import os
 import time
 from typing import Dict, Optional
 
-import numpy as np
 import tensorflow as tf
-import tf_keras
 from absl import logging
 
-from mtssl import configs
-from mtssl import model as model_lib
-from mtssl import optimizers
-from mtssl import tasks as tasks_lib
-from mtssl.backbones import resnet_v2
-from mtssl.backbones import slim_checkpoint
+from mtssl.configs import training as configs
 from mtssl.data import prefetch
-from mtssl.data import sources as sources_lib
-from mtssl.training import step as step_lib
+from mtssl.training import run as run_lib
 
-POLICIES = {'none': 'float32', 'bf16': 'mixed_bfloat16', 'fp16': 'mixed_float16'}
-
-
-class NonFiniteLossError(RuntimeError):
-  """Too many consecutive non-finite steps; the last good checkpoint is kept."""
-
-
-class RunState(tf.Module):
-  """Counters saved with every checkpoint."""
-
-  def __init__(self, task_names, seed):
-    super().__init__(name='run_state')
-    self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False)
-    self.seed = tf.Variable(seed, dtype=tf.int64, trainable=False)
-    self.snapshots = tf.Variable(0, dtype=tf.int64, trainable=False)
-    self.task_steps = {n: tf.Variable(0, dtype=tf.int64, trainable=False)
-                       for n in task_names}
-    self.skipped_steps = {n: tf.Variable(0, dtype=tf.int64, trainable=False)
-                          for n in task_names}
-    self.positions = {n: tf.Variable(0, dtype=tf.int64, trainable=False)
-                      for n in task_names}
-    # Sum and count of measured step times (first, compiling step excluded).
-    self.time_sum = {n: tf.Variable(0.0, dtype=tf.float64, trainable=False)
-                     for n in task_names}
-    self.time_count = {n: tf.Variable(0, dtype=tf.int64, trainable=False)
-                       for n in task_names}
-
-
-def task_schedule(names, schedule, weights, seed, step):
-  """The task of global step `step`: round-robin, or drawn from (seed, step)."""
-  if schedule == 'round_robin':
-    return names[step % len(names)]
-  p = np.asarray(weights, np.float64)
-  rng = np.random.default_rng([seed & 0xFFFFFFFF, step, 0x5C4ED])
-  return names[int(rng.choice(len(names), p=p / p.sum()))]
-
-
-def task_seed(seed, name):
-  """The data seed of task `name`: a distinct stream per task, fixed by the run seed."""
-  return (seed * 1_000_003 + sum(map(ord, name))) & 0x7FFFFFFF
-
-
-def make_tasks(config: configs.TrainConfig):
-  """The configured tasks ({name: Task}), rp harmonized when asked."""
-  tasks = {}
-  for name, run in config.tasks.items():
-    task_config = run.config
-    if name == 'rp' and config.harmonize:
-      if not hasattr(task_config, 'harmonize'):
-        raise configs.ConfigError('the rp task has no harmonize setting.')
-      task_config = dataclasses.replace(task_config, harmonize=True)
-    tasks[name] = tasks_lib.get_task_class(name)(task_config)
-  return tasks
-
-
-def make_sources(config: configs.TrainConfig, tasks):
-  """A validated data source per task; DataSourceError names the flag."""
-  srcs = {}
-  for name, task in tasks.items():
-    spec = config.tasks[name].data
-    try:
-      source = task.make_source(spec, tfds_data_dir=config.tfds_data_dir)
-      source.validate()
-    except sources_lib.DataSourceError as e:
-      raise sources_lib.DataSourceError(f'{name}_data={spec!r}: {e}') from None
-    srcs[name] = source
-  return srcs
-
-
-def _format_duration(seconds):
-  if seconds is None or not math.isfinite(seconds):
-    return '?'
-  seconds = int(seconds)
-  if seconds >= 3600:
-    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
-  if seconds >= 60:
-    return f'{seconds // 60}m{seconds % 60:02d}s'
-  return f'{seconds}s'
+NonFiniteLossError = run_lib.NonFiniteLossError
+task_schedule = run_lib.task_schedule
+task_seed = run_lib.task_seed
 
 
 class Trainer:
   """Builds everything from a TrainConfig, then `train()`."""
 
   def __init__(self, config: configs.TrainConfig):
-    config.validate()
-    self.config = config
-    self.names = list(config.tasks)
+    self.run = run_lib.Run(config)
+    self.config = self.run.config
+    self.names = self.run.names
     self._stop_requested = False
-    self.model = None
+    self.iterators = {}
+    self._pending = {}
 
-  # Set-up -----------------------------------------------------------------
-  def _make_tasks(self):
-    return make_tasks(self.config)
+  @property
+  def model(self):
+    return self.run.model
 
-  def _make_sources(self):
-    return make_sources(self.config, self.tasks)
+  @property
+  def optimizers(self):
+    return self.run.optimizers
 
-  def _make_optimizer(self, name):
-    run = self.config.tasks[name]
-    opt = optimizers.TF1RMSProp(
-        run.learning_rate, decay=self.config.rmsprop_decay,
-        momentum=self.config.rmsprop_momentum,
-        epsilon=self.config.rmsprop_epsilon, name=f'RMSProp_{name}')
-    if self.config.mixed_precision == 'fp16':
-      opt = tf_keras.mixed_precision.LossScaleOptimizer(opt)
-    return opt
+  @property
+  def steps(self):
+    return self.run.steps
 
-  @contextlib.contextmanager
-  def _precision_policy(self):
-    """The configured mixed-precision policy while the model is built."""
-    previous_policy = tf_keras.mixed_precision.global_policy()
-    tf_keras.mixed_precision.set_global_policy(
-        POLICIES[self.config.mixed_precision])
-    try:
-      yield
-    finally:
-      tf_keras.mixed_precision.set_global_policy(previous_policy)
+  @property
+  def state(self):
+    return self.run.state
 
-  def _prepare(self):
-    """Everything before the model: determinism, tasks, data sources."""
-    if self.config.deterministic:
-      tf.config.experimental.enable_op_determinism()
-    if (self.config.native_atrous and not self.config.xla and
-        not tf.config.list_physical_devices('GPU')):
-      raise configs.ConfigError(
-          'native_atrous needs --xla on a machine without a GPU: '
-          'TensorFlow\'s CPU kernels have no gradient for dilated Conv2D ops.')
-    self.tasks = self._make_tasks()
-    self.sources = self._make_sources()
-    os.makedirs(self.config.model_dir, exist_ok=True)
+  @property
+  def tasks(self):
+    return self.run.tasks
 
-  def _create_model_and_state(self, extra_checkpoint_items=None):
-    """Model, optimizers, run state, checkpoint and managers; starts a restore.
-
-    Variables are created in the current (distribution strategy) scope.
-    `extra_checkpoint_items` are saved with every checkpoint and restored
-    leniently (what a checkpoint lacks keeps its initial value). Returns the
-    restore status of the latest checkpoint in model_dir, or None.
-    """
-    cfg = self.config
-    # The seed fixes the initial weights too (Python, NumPy and TF global
-    # seeds), so two runs with one seed start from the same model.
-    tf_keras.utils.set_random_seed(cfg.seed)
-    trunk = resnet_v2.trunk_from_name(cfg.trunk, cfg.output_stride,
-                                      native_atrous=cfg.native_atrous)
-    self.model = model_lib.MultiTaskModel(
-        trunk, self.tasks, lasso_l1=cfg.lasso_l1 if cfg.lasso else None)
-    self.optimizers = {n: self._make_optimizer(n) for n in self.names}
-    self.state = RunState(self.names, cfg.seed)
-    items = dict(optimizers=self.optimizers, state=self.state,
-                 **self.model.checkpoint_items)
-    extra = dict(extra_checkpoint_items or {})
-    self.checkpoint = tf.train.Checkpoint(**items, **extra)
-    self.manager = tf.train.CheckpointManager(
-        self.checkpoint, cfg.model_dir, max_to_keep=cfg.keep_checkpoints,
-        checkpoint_name='ckpt')
-    self.snapshot_manager = tf.train.CheckpointManager(
-        self.checkpoint, os.path.join(cfg.model_dir, 'snapshots'),
-        max_to_keep=None, checkpoint_name='snapshot')
-    self.resumed_from = self.manager.latest_checkpoint
-    if not self.resumed_from:
-      return None
-    restore_status = tf.train.Checkpoint(**items).restore(self.resumed_from)
-    if extra:
-      tf.train.Checkpoint(**extra).restore(self.resumed_from).expect_partial()
-    if int(self.state.seed.numpy()) != cfg.seed:
-      raise configs.ConfigError(
-          f'{cfg.model_dir} holds a run with seed '
-          f'{int(self.state.seed.numpy())}, not {cfg.seed}; use another '
-          f'model_dir or the same seed to resume.')
-    return restore_status
-
-  def _restore_or_initialize(self, restore_status):
-    """After the model is built: checks the restore, or applies init_checkpoint."""
-    if restore_status is not None:
-      restore_status.assert_existing_objects_matched()
-    elif self.config.init_checkpoint:
-      self._initialize_from(self.config.init_checkpoint)
-
-  def _make_steps(self, restore_status):
-    self.steps = {n: step_lib.TaskTrainStep(self.model, n, self.optimizers[n],
-                                            jit_compile=self.config.xla)
-                  for n in self.names}
-    if restore_status is not None:
-      # Optimizer slots created just now were restored on creation.
-      restore_status.assert_existing_objects_matched()
+  @property
+  def sources(self):
+    return self.run.sources
 
   def setup(self):
     """Validates data, builds the model, restores or initializes. Idempotent."""
-    if self.model is not None:
+    if self.run.model is not None:
       return self
-    cfg = self.config
-    self._prepare()
-    with self._precision_policy():
-      restore_status = self._create_model_and_state()
-      self.iterators = {}
+    cfg, run = self.config, self.run
+    run.prepare()
+    with run.precision_policy():
+      restore_status = run.create_model_and_state()
       first = {}
-      for name, task in self.tasks.items():
-        ds = task.make_dataset(self.sources[name],
+      for name, task in run.tasks.items():
+        ds = task.make_dataset(run.sources[name],
                                cfg.tasks[name].config.batch_size,
-                               seed=self._task_seed(name),
-                               start=int(self.state.positions[name].numpy()))
+                               seed=run.task_seed(name),
+                               start=int(run.state.positions[name].numpy()))
         ds = ds.prefetch(tf.data.AUTOTUNE)
         if cfg.prefetch_to_device:
           ds = prefetch.to_device(ds)
         self.iterators[name] = iter(ds)
         first[name] = next(self.iterators[name])
-      self.model.build_all({n: f for n, (f, _) in first.items()})
+      run.model.build_all({n: f for n, (f, _) in first.items()})
       self._pending = dict(first)
-      self._restore_or_initialize(restore_status)
-      self._make_steps(restore_status)
-    self.writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir,
-                                                             'train'))
+      run.restore_or_initialize(restore_status)
+      run.make_steps(restore_status)
+    self.writer = run.summary_writer()
     return self
-
-  def _task_seed(self, name):
-    return task_seed(self.config.seed, name)
-
-  def _initialize_from(self, path):
-    slim_checkpoint.restore_trunk(self.model.trunk, path)
-    restored = ['backbone']
-    reader = tf.train.load_checkpoint(
-        tf.train.latest_checkpoint(path) if tf.io.gfile.isdir(path) else path)
-    keys = reader.get_variable_to_shape_map()
-    for name in self.names:
-      if any(k.startswith(f'heads/{name}/') for k in keys):
-        tf.train.Checkpoint(heads={name: self.model.heads[name]}).read(
-            tf.train.latest_checkpoint(path) if tf.io.gfile.isdir(path) else path
-        ).expect_partial()
-        restored.append(f'heads/{name}')
-    logging.info('Initialized %s from %s.', ', '.join(restored), path)
 
   # Training ---------------------------------------------------------------
   def request_stop(self):
@@ -291,13 +90,8 @@ class Trainer:
 
   def step_cost(self, name) -> Optional[float]:
     """Device-hours per step of task `name` (None until measured)."""
-    cfg = self.config
-    if cfg.tasks[name].step_cost is not None or cfg.cost_model == 'paper':
-      return cfg.step_cost_from_paper(name)
-    count = int(self.state.time_count[name].numpy())
-    if count == 0:
-      return None
-    return float(self.state.time_sum[name].numpy()) / count / 3600.0
+    return self.run.step_cost(name, float(self.state.time_sum[name].numpy()),
+                              int(self.state.time_count[name].numpy()))
 
   def costs(self) -> Dict[str, float]:
     out = {}
@@ -318,9 +112,7 @@ class Trainer:
     return next(self.iterators[name])
 
   def save(self):
-    path = self.manager.save(checkpoint_number=int(self.state.global_step.numpy()))
-    logging.info('Saved checkpoint %s', path)
-    return path
+    return self.run.save()
 
   def train(self):
     """Runs until `steps` or `max_cost`; returns a summary dict."""
@@ -338,9 +130,9 @@ class Trainer:
     start_time = time.time()
     start_step = int(self.state.global_step.numpy())
     last_log_time = start_time
-    checkpoint_path = self.resumed_from
-    if self.resumed_from:
-      logging.info('Resuming from %s at global step %d.', self.resumed_from,
+    checkpoint_path = self.run.resumed_from
+    if self.run.resumed_from:
+      logging.info('Resuming from %s at global step %d.', self.run.resumed_from,
                    start_step)
     while not self._done(sum(self.costs().values())):
       if self._stop_requested:
@@ -379,11 +171,11 @@ class Trainer:
           raise NonFiniteLossError(
               f'{name}: {consecutive_bad[name]} consecutive non-finite steps '
               f'(max_nonfinite_steps={cfg.max_nonfinite_steps}); stopping. The '
-              f'last good checkpoint is {self.manager.latest_checkpoint}.')
+              f'last good checkpoint is {self.run.manager.latest_checkpoint}.')
       g += 1
       costs = self.costs()
       total_cost = sum(costs.values())
-      self._maybe_snapshot(total_cost)
+      self.run.maybe_snapshot(total_cost)
       if g % cfg.summary_every == 0:
         self._write_scalars(window, costs, g)
       if g % cfg.image_summary_every == 0 and finite:
@@ -408,33 +200,17 @@ class Trainer:
         'skipped_steps': {n: int(self.state.skipped_steps[n].numpy())
                           for n in self.names},
         'cost_hours': self.costs(),
-        'data_problems': {n: self.sources[n].counter.problems() for n in self.names},
+        'data_problems': self.run.problems(),
         'stopped_early': self._stop_requested,
     }
     logging.info('Done: %s', result)
     return result
 
   def close_inputs(self):
-    """Releases the input iterators.
-
-    Pipelines that run Python (tf.numpy_function) must not outlive the
-    interpreter's shutdown, where an iterator still alive can hang the
-    process at exit.
-    """
+    """Releases the input iterators (an iterator alive at interpreter
+    shutdown can hang the process at exit)."""
     self.iterators = {}
     self._pending = {}
-
-  def _maybe_snapshot(self, total_cost):
-    every = self.config.snapshot_cost
-    if not every:
-      return
-    due = int(total_cost // every)
-    while int(self.state.snapshots.numpy()) < due:
-      self.state.snapshots.assign_add(1)
-      path = self.snapshot_manager.save(
-          checkpoint_number=int(self.state.snapshots.numpy()))
-      logging.info('Cost %.4g device-hours crossed %d x %.4g: snapshot %s',
-                   total_cost, int(self.state.snapshots.numpy()), every, path)
 
   def _write_scalars(self, window, costs, g):
     with self.writer.as_default(step=g):
@@ -486,5 +262,5 @@ class Trainer:
     problems = {n: p for n in self.names
                 if (p := self.sources[n].counter.problems())}
     logging.info('[%s] %s | %.2f steps/s | cost %.4g h | eta %s%s', target,
-                 ' | '.join(parts), rate, total_cost, _format_duration(eta),
+                 ' | '.join(parts), rate, total_cost, run_lib.format_duration(eta),
                  f' | data {problems}' if problems else '')

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from mtssl import io_utils
+from mtssl.utils import io_utils
 from mtssl.data import sources
 
 SHARD_PATTERN = 'shard-{:05d}.tfrecord'

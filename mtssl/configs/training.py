@@ -28,11 +28,11 @@ import dataclasses
 from typing import Dict, Optional, Sequence
 
 from mtssl import tasks as tasks_lib
+from mtssl.configs import base
+from mtssl.configs.base import ConfigError  # pylint: disable=unused-import
 from mtssl.backbones import resnet_v2
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
-# K40 GPU-hours per ImageNet epoch (paper section 6.1).
-PAPER_EPOCH_GPU_HOURS = {'rp': 350.0, 'col': 90.0, 'ex': 60.0}
 PAPER_TOTAL_GPU_HOURS = 16_800.0
 PAPER_SNAPSHOT_GPU_HOURS = 2_400.0
 
@@ -41,90 +41,77 @@ SCHEDULES = ('round_robin', 'weighted')
 COST_MODELS = ('measured', 'paper')
 
 
-class ConfigError(ValueError):
-  """An invalid configuration; the message names the field and the value."""
-
-
 def paper_seconds_per_example(task: str) -> Optional[float]:
-  hours = PAPER_EPOCH_GPU_HOURS.get(task)
+  """K40 GPU-seconds per example of `task` (paper section 6.1), or None."""
+  hours = tasks_lib.get_task_class(task).paper_epoch_gpu_hours
   return None if hours is None else hours * 3600.0 / IMAGENET_TRAIN_IMAGES
-
-
-def _field(default, help_text, choices=None):
-  """A config field whose help (and choices) the command-line flags reuse."""
-  metadata = {'help': help_text}
-  if choices is not None:
-    metadata['choices'] = tuple(choices)
-  return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass
 class TaskRun:
   """How one task takes part in a run (flags --<task>_<field>)."""
   config: tasks_lib.TaskConfig
-  data: str = _field('synthetic', 'data source: synthetic, folder:/path or '
+  data: str = base.field('synthetic', 'data source: synthetic, folder:/path or '
                      'tfds:name[:split] (ms: synthetic or tfrecord:/dir)')
-  learning_rate: float = _field(1e-3, 'RMSProp learning rate (constant, as in '
+  learning_rate: float = base.field(1e-3, 'RMSProp learning rate (constant, as in '
                                 'the paper)')
-  step_cost: Optional[float] = _field(
+  step_cost: Optional[float] = base.field(
       None, 'device-hours per step for compute accounting (default: measured, '
       'or the paper figure with --cost_model=paper)')
-  weight: float = _field(1.0, 'relative frequency under --schedule=weighted')
+  weight: float = base.field(1.0, 'relative frequency under --schedule=weighted')
 
 
 @dataclasses.dataclass
 class TrainConfig:
   """A whole pre-training run (flags --<field>)."""
   tasks: Dict[str, TaskRun]
-  model_dir: str = _field('runs/default', 'checkpoints, snapshots and '
+  model_dir: str = base.field('runs/default', 'checkpoints, snapshots and '
                           'TensorBoard logs; an existing run there is resumed')
-  trunk: str = _field('resnet_v2_101', 'trunk, one of '
+  trunk: str = base.field('resnet_v2_101', 'trunk, one of '
                       + ', '.join(sorted(resnet_v2.TRUNK_BLOCKS)),
                       choices=sorted(resnet_v2.TRUNK_BLOCKS))
-  output_stride: int = _field(8, 'trunk output stride (8 in the paper)')
-  lasso: bool = _field(False, 'feed each head a lasso combination of the '
+  output_stride: int = base.field(8, 'trunk output stride (8 in the paper)')
+  lasso: bool = base.field(False, 'feed each head a lasso combination of the '
                        'block-3 units (paper section 3.2)')
-  lasso_l1: float = _field(1e-3, 'L1 weight on each task\'s lasso alpha')
-  harmonize: bool = _field(False, 'rp input harmonization: Lab L replicated '
-                           'x3 instead of colour dropping (paper section 3.3)')
-  rmsprop_decay: float = _field(0.9, 'RMSProp decay of the squared-gradient '
+  lasso_l1: float = base.field(1e-3, 'L1 weight on each task\'s lasso alpha')
+  rmsprop_decay: float = base.field(0.9, 'RMSProp decay of the squared-gradient '
                                 'average (TF1 default)')
-  rmsprop_momentum: float = _field(0.0, 'RMSProp momentum (TF1 default 0)')
-  rmsprop_epsilon: float = _field(1e-10, 'RMSProp epsilon, inside the square '
+  rmsprop_momentum: float = base.field(0.0, 'RMSProp momentum (TF1 default 0)')
+  rmsprop_epsilon: float = base.field(1e-10, 'RMSProp epsilon, inside the square '
                                   'root (TF1 default)')
-  mixed_precision: str = _field('none', 'none, bf16 or fp16 (fp16 with dynamic '
+  mixed_precision: str = base.field('none', 'none, bf16 or fp16 (fp16 with dynamic '
                                 'loss scaling)', choices=MIXED_PRECISION)
-  xla: bool = _field(False, 'compile each train step with XLA')
-  native_atrous: bool = _field(
+  xla: bool = base.field(False, 'compile each train step with XLA')
+  native_atrous: bool = base.field(
       False, 'run the trunk\'s dilated convolutions as single Conv2D ops '
       '(faster with cuDNN and XLA; on a CPU it needs --xla)')
-  prefetch_to_device: bool = _field(
+  prefetch_to_device: bool = base.field(
       True, 'copy the next input batches onto the GPU while a step runs '
       '(one machine; no effect without a GPU)')
-  schedule: str = _field('round_robin', 'task interleaving: round_robin or '
+  schedule: str = base.field('round_robin', 'task interleaving: round_robin or '
                          'weighted (seeded draw per step)', choices=SCHEDULES)
-  steps: Optional[int] = _field(None, 'total training steps over all tasks')
-  max_cost: Optional[float] = _field(None, 'stop when the total compute cost '
+  steps: Optional[int] = base.field(None, 'total training steps over all tasks')
+  max_cost: Optional[float] = base.field(None, 'stop when the total compute cost '
                                      'reaches this many device-hours')
-  cost_model: str = _field('measured', 'step cost: measured step time or the '
+  cost_model: str = base.field('measured', 'step cost: measured step time or the '
                            'paper\'s K40 figures', choices=COST_MODELS)
-  snapshot_cost: Optional[float] = _field(
+  snapshot_cost: Optional[float] = base.field(
       None, 'keep a snapshot each time the total cost crosses a multiple of '
       'this many device-hours (paper: 2400)')
-  checkpoint_every: int = _field(1000, 'write a checkpoint every N steps')
-  keep_checkpoints: int = _field(3, 'how many regular checkpoints to keep')
-  init_checkpoint: Optional[str] = _field(
+  checkpoint_every: int = base.field(1000, 'write a checkpoint every N steps')
+  keep_checkpoints: int = base.field(3, 'how many regular checkpoints to keep')
+  init_checkpoint: Optional[str] = base.field(
       None, 'initialize the trunk (and heads present) from a converted Slim '
       'or a previous run\'s checkpoint')
-  seed: int = _field(0, 'seed of the data streams and the schedule')
-  max_nonfinite_steps: int = _field(20, 'stop after this many consecutive '
+  seed: int = base.field(0, 'seed of the data streams and the schedule')
+  max_nonfinite_steps: int = base.field(20, 'stop after this many consecutive '
                                     'non-finite steps of one task')
-  log_every: int = _field(10, 'progress line every N steps')
-  summary_every: int = _field(50, 'TensorBoard scalars every N steps')
-  image_summary_every: int = _field(500, 'TensorBoard images every N steps')
-  deterministic: bool = _field(False, 'enable TensorFlow op determinism '
+  log_every: int = base.field(10, 'progress line every N steps')
+  summary_every: int = base.field(50, 'TensorBoard scalars every N steps')
+  image_summary_every: int = base.field(500, 'TensorBoard images every N steps')
+  deterministic: bool = base.field(False, 'enable TensorFlow op determinism '
                                '(bit-exact resume on CPU; slower)')
-  tfds_data_dir: Optional[str] = _field(None, 'TFDS data_dir for tfds: sources')
+  tfds_data_dir: Optional[str] = base.field(None, 'TFDS data_dir for tfds: sources')
 
   def validate(self):
     """Raises ConfigError naming the first invalid field."""
@@ -160,9 +147,6 @@ class TrainConfig:
                         'at one resolution).')
     if self.lasso_l1 < 0:
       raise ConfigError(f'lasso_l1 must be >= 0, got {self.lasso_l1}.')
-    if self.harmonize and 'rp' not in self.tasks:
-      raise ConfigError('harmonize changes the rp inputs, but rp is not among '
-                        'the tasks.')
     if self.mixed_precision not in MIXED_PRECISION:
       raise ConfigError(f'mixed_precision must be one of {MIXED_PRECISION}, got '
                         f'{self.mixed_precision!r}.')
@@ -209,29 +193,16 @@ class TrainConfig:
     return seconds * run.config.batch_size / 3600.0
 
 
-# Per-task settings of the CPU preset: narrow heads (the paper's are tens of
-# millions of parameters each) and small batches; input sizes stay the
-# paper's.
-CPU_TASK_OVERRIDES: Dict[str, Dict[str, object]] = {
-    'rp': {'unit_depths': (128, 64), 'unit_bottleneck': 32,
-           'fc_bottleneck': 128},
-    'col': {'head_widths': (256, 256)},
-    'ex': {'unit_depths': (128, 64), 'unit_bottleneck': 32},
-    'ms': {'head_widths': (256, 256)},
-}
 CPU_TASKS = ('rp', 'col')
 PAPER_TASKS = ('rp', 'col', 'ex', 'ms')
 
 
-def _task_runs(names: Sequence[str], overrides=None) -> Dict[str, TaskRun]:
+def _task_runs(names: Sequence[str], cpu: bool = False) -> Dict[str, TaskRun]:
+  """Default TaskRuns; with `cpu`, each task's CPU-preset overrides."""
   runs = {}
   for name in names:
     cls = tasks_lib.get_task_class(name)
-    fields = {f.name for f in dataclasses.fields(cls.config_class)}
-    values = (overrides or {}).get(name, {})
-    unknown = set(values) - fields
-    if unknown:
-      raise ConfigError(f'{name} has no setting(s) {sorted(unknown)}.')
+    values = dict(cls.cpu_overrides) if cpu else {}
     runs[name] = TaskRun(config=cls.config_class(**values))
   return runs
 
@@ -239,7 +210,7 @@ def _task_runs(names: Sequence[str], overrides=None) -> Dict[str, TaskRun]:
 def cpu_config(tasks: Optional[Sequence[str]] = None) -> TrainConfig:
   """The default run: a few minutes on a 2-core CPU, built-in data."""
   return TrainConfig(
-      tasks=_task_runs(tasks or CPU_TASKS, CPU_TASK_OVERRIDES),
+      tasks=_task_runs(tasks or CPU_TASKS, cpu=True),
       model_dir='runs/cpu_default',
       trunk='resnet_v2_small',
       output_stride=8,

@@ -44,7 +44,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
-from mtssl import preprocessing
+from mtssl.ops import preprocessing
 from mtssl.ops import ab_bins as ab_bins_lib
 from mtssl.ops import color as color_lib
 from mtssl.tasks import col as col_lib

@@ -15,7 +15,7 @@
 * `from_pixels` (input `pixels`: float32 [batch, height, width, 3], RGB in
   [0, 255]): the batch is used at its own size, no resizing.
 * Both then apply the trunk's own preprocessing
-  (`mtssl.preprocessing.vgg_preprocess`: minus the VGG mean) and run the trunk
+  (`mtssl.ops.preprocessing.vgg_preprocess`: minus the VGG mean) and run the trunk
   in inference mode at the output stride it was built with. Outputs:
   `block3` float32 [batch, ceil(height / stride), ceil(width / stride), depth]
   (the trunk's output end point, the raw sum of the last block-3 unit) and
@@ -52,7 +52,7 @@ from typing import Dict, Sequence, Tuple
 import tensorflow as tf
 
 from mtssl.ops import pooling
-from mtssl.preprocessing import vgg_preprocess
+from mtssl.ops.preprocessing import vgg_preprocess
 
 SERVING_SIGNATURE = 'serving_default'
 PIXELS_SIGNATURE = 'from_pixels'

@@ -16,7 +16,7 @@ from typing import Dict, Mapping, Optional
 import tensorflow as tf
 import tf_keras
 
-from mtssl import lasso as lasso_lib
+from mtssl.models import lasso as lasso_lib
 from mtssl.backbones import resnet_v2
 from mtssl.tasks import base
 

@@ -1,0 +1,1 @@
+"""Configuration trees of every binary, and the flags generated from them."""

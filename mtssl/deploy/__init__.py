@@ -1,0 +1,1 @@
+"""Export and serving: TF-Serving feature extractor, Model Garden integration."""

@@ -1,0 +1,1 @@
+"""Multi-task model: shared trunk, per-task heads, unit lasso."""

@@ -1,0 +1,240 @@
+"""A training run's parts, built once for every trainer: tasks, data sources,
+model, per-task optimizers and steps, run state and checkpoints.
+
+`Run(config)` is composed by the single-machine trainer (trainer.py) and the
+cluster coordinator (cluster/coordinator.py); each owns its own loop.
+"""
+
+import math
+import os
+from typing import Dict, Optional
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from mtssl import tasks as tasks_lib
+from mtssl.backbones import slim_checkpoint
+from mtssl.configs import training as configs
+from mtssl.data import sources as sources_lib
+from mtssl.training import core
+from mtssl.training import step as step_lib
+
+
+class NonFiniteLossError(RuntimeError):
+  """Too many consecutive non-finite steps; the last good checkpoint is kept."""
+
+
+class RunState(tf.Module):
+  """Counters saved with every checkpoint."""
+
+  def __init__(self, task_names, seed):
+    super().__init__(name='run_state')
+    self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False)
+    self.seed = tf.Variable(seed, dtype=tf.int64, trainable=False)
+    self.snapshots = tf.Variable(0, dtype=tf.int64, trainable=False)
+    self.task_steps = {n: tf.Variable(0, dtype=tf.int64, trainable=False)
+                       for n in task_names}
+    self.skipped_steps = {n: tf.Variable(0, dtype=tf.int64, trainable=False)
+                          for n in task_names}
+    self.positions = {n: tf.Variable(0, dtype=tf.int64, trainable=False)
+                      for n in task_names}
+    # Sum and count of measured step times (first, compiling step excluded).
+    self.time_sum = {n: tf.Variable(0.0, dtype=tf.float64, trainable=False)
+                     for n in task_names}
+    self.time_count = {n: tf.Variable(0, dtype=tf.int64, trainable=False)
+                       for n in task_names}
+
+
+def task_schedule(names, schedule, weights, seed, step):
+  """The task of global step `step`: round-robin, or drawn from (seed, step)."""
+  if schedule == 'round_robin':
+    return names[step % len(names)]
+  p = np.asarray(weights, np.float64)
+  rng = np.random.default_rng([seed & 0xFFFFFFFF, step, 0x5C4ED])
+  return names[int(rng.choice(len(names), p=p / p.sum()))]
+
+
+def task_seed(seed, name):
+  """The data seed of task `name`: a distinct stream per task, fixed by the run seed."""
+  return (seed * 1_000_003 + sum(map(ord, name))) & 0x7FFFFFFF
+
+
+def make_tasks(config: configs.TrainConfig):
+  """The configured tasks, {name: Task}."""
+  return {name: tasks_lib.get_task_class(name)(run.config)
+          for name, run in config.tasks.items()}
+
+
+def make_sources(config: configs.TrainConfig, tasks):
+  """A validated data source per task; DataSourceError names the flag."""
+  srcs = {}
+  for name, task in tasks.items():
+    spec = config.tasks[name].data
+    try:
+      source = task.make_source(spec, tfds_data_dir=config.tfds_data_dir)
+      source.validate()
+    except sources_lib.DataSourceError as e:
+      raise sources_lib.DataSourceError(f'{name}_data={spec!r}: {e}') from None
+    srcs[name] = source
+  return srcs
+
+
+def format_duration(seconds):
+  """'1h02m', '3m05s', '7s' or '?'."""
+  if seconds is None or not math.isfinite(seconds):
+    return '?'
+  seconds = int(seconds)
+  if seconds >= 3600:
+    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+  if seconds >= 60:
+    return f'{seconds // 60}m{seconds % 60:02d}s'
+  return f'{seconds}s'
+
+
+class Run:
+  """The parts of one training run, built in order by a trainer:
+
+    run.prepare()                          # tasks, sources, model_dir
+    with core.precision_policy(...):       # (and a strategy scope)
+      status = run.create_model_and_state()
+      run.model.build_all(example_features)
+      run.restore_or_initialize(status)
+      run.make_steps(status)
+  """
+
+  def __init__(self, config: configs.TrainConfig):
+    config.validate()
+    self.config = config
+    self.names = list(config.tasks)
+    self.model = None
+    self.resumed_from = None
+
+  def prepare(self):
+    """Everything before the model: determinism, tasks, data sources."""
+    cfg = self.config
+    if cfg.deterministic:
+      tf.config.experimental.enable_op_determinism()
+    if (cfg.native_atrous and not cfg.xla and
+        not tf.config.list_physical_devices('GPU')):
+      raise configs.ConfigError(
+          'native_atrous needs --xla on a machine without a GPU: '
+          'TensorFlow\'s CPU kernels have no gradient for dilated Conv2D ops.')
+    self.tasks = make_tasks(cfg)
+    self.sources = make_sources(cfg, self.tasks)
+    os.makedirs(cfg.model_dir, exist_ok=True)
+
+  def precision_policy(self):
+    return core.precision_policy(self.config.mixed_precision)
+
+  def task_seed(self, name):
+    return task_seed(self.config.seed, name)
+
+  def create_model_and_state(self, extra_checkpoint_items=None):
+    """Model, optimizers, run state, checkpoint and managers; starts a restore.
+
+    Variables are created in the current (distribution strategy) scope.
+    `extra_checkpoint_items` are saved with every checkpoint and restored
+    leniently (what a checkpoint lacks keeps its initial value). Returns the
+    restore status of the latest checkpoint in model_dir, or None.
+    """
+    cfg = self.config
+    self.model = core.build_model(
+        cfg.trunk, cfg.output_stride, self.tasks,
+        native_atrous=cfg.native_atrous,
+        lasso_l1=cfg.lasso_l1 if cfg.lasso else None, seed=cfg.seed)
+    self.optimizers = {
+        n: core.task_optimizer(n, cfg.tasks[n].learning_rate,
+                               cfg.mixed_precision, decay=cfg.rmsprop_decay,
+                               momentum=cfg.rmsprop_momentum,
+                               epsilon=cfg.rmsprop_epsilon)
+        for n in self.names}
+    self.state = RunState(self.names, cfg.seed)
+    items = dict(optimizers=self.optimizers, state=self.state,
+                 **self.model.checkpoint_items)
+    extra = dict(extra_checkpoint_items or {})
+    self.checkpoint = tf.train.Checkpoint(**items, **extra)
+    self.manager = tf.train.CheckpointManager(
+        self.checkpoint, cfg.model_dir, max_to_keep=cfg.keep_checkpoints,
+        checkpoint_name='ckpt')
+    self.snapshot_manager = tf.train.CheckpointManager(
+        self.checkpoint, os.path.join(cfg.model_dir, 'snapshots'),
+        max_to_keep=None, checkpoint_name='snapshot')
+    self.resumed_from = self.manager.latest_checkpoint
+    if not self.resumed_from:
+      return None
+    restore_status = tf.train.Checkpoint(**items).restore(self.resumed_from)
+    if extra:
+      tf.train.Checkpoint(**extra).restore(self.resumed_from).expect_partial()
+    if int(self.state.seed.numpy()) != cfg.seed:
+      raise configs.ConfigError(
+          f'{cfg.model_dir} holds a run with seed '
+          f'{int(self.state.seed.numpy())}, not {cfg.seed}; use another '
+          f'model_dir or the same seed to resume.')
+    return restore_status
+
+  def restore_or_initialize(self, restore_status):
+    """After the model is built: checks the restore, or applies init_checkpoint."""
+    if restore_status is not None:
+      restore_status.assert_existing_objects_matched()
+    elif self.config.init_checkpoint:
+      self._initialize_from(self.config.init_checkpoint)
+
+  def make_steps(self, restore_status):
+    """One compiled TaskTrainStep per task."""
+    self.steps = {n: step_lib.TaskTrainStep(self.model, n, self.optimizers[n],
+                                            jit_compile=self.config.xla)
+                  for n in self.names}
+    if restore_status is not None:
+      # Optimizer slots created just now were restored on creation.
+      restore_status.assert_existing_objects_matched()
+
+  def _initialize_from(self, path):
+    slim_checkpoint.restore_trunk(self.model.trunk, path)
+    restored = ['backbone']
+    prefix = tf.train.latest_checkpoint(path) if tf.io.gfile.isdir(path) else path
+    keys = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+    for name in self.names:
+      if any(k.startswith(f'heads/{name}/') for k in keys):
+        tf.train.Checkpoint(heads={name: self.model.heads[name]}).read(
+            prefix).expect_partial()
+        restored.append(f'heads/{name}')
+    logging.info('Initialized %s from %s.', ', '.join(restored), path)
+
+  def step_cost(self, name, time_sum: float, time_count: int) -> Optional[float]:
+    """Device-hours per step of task `name`: the configured or paper figure,
+    else the measured mean (None until measured)."""
+    cfg = self.config
+    if cfg.tasks[name].step_cost is not None or cfg.cost_model == 'paper':
+      return cfg.step_cost_from_paper(name)
+    if time_count == 0:
+      return None
+    return time_sum / time_count / 3600.0
+
+  def save(self):
+    path = self.manager.save(
+        checkpoint_number=int(self.state.global_step.numpy()))
+    logging.info('Saved checkpoint %s', path)
+    return path
+
+  def maybe_snapshot(self, total_cost):
+    """Keeps a snapshot each time the total cost crosses a multiple of
+    snapshot_cost."""
+    every = self.config.snapshot_cost
+    if not every:
+      return
+    due = int(total_cost // every)
+    while int(self.state.snapshots.numpy()) < due:
+      self.state.snapshots.assign_add(1)
+      path = self.snapshot_manager.save(
+          checkpoint_number=int(self.state.snapshots.numpy()))
+      logging.info('Cost %.4g device-hours crossed %d x %.4g: snapshot %s',
+                   total_cost, int(self.state.snapshots.numpy()), every, path)
+
+  def summary_writer(self):
+    return tf.summary.create_file_writer(
+        os.path.join(self.config.model_dir, 'train'))
+
+  def problems(self) -> Dict[str, Dict[str, int]]:
+    """Data problems counted so far, per task."""
+    return {n: self.sources[n].counter.problems() for n in self.names}
