@@ -90,6 +90,7 @@ def main(argv):
       'target_stride': _TARGET_STRIDE.value,
       'min_chroma': _MIN_CHROMA.value,
       'sigma': sigma,
+      'ab_bins': ab_bins.bins_provenance(),
       'target_pixels': int(counts.sum()),
       'bins_hit': int((counts > 0).sum()),
       'skipped_or_converted': problems,

@@ -7,32 +7,13 @@ colour prior they come from (and its file format), and annealed-mean decoding.
 
 Bins (`ab_bins`)
 ----------------
-Bin centres lie on the ab grid of step 10 (multiples of 10). Zhang et al. "keep
-the Q = 313 values which are in-gamut". With the standard sRGB (D65) to Lab
-conversion of mtssl.ops.color, the colours reachable in sRGB cover fewer grid
-cells than that (measured here):
-
-  * 228 grid points are themselves in gamut (some L makes the Lab colour sRGB),
-  * 261 cells of side 10 around a grid point contain the ab of some 8-bit sRGB
-    colour (all 16.7 M colours enumerated),
-
-and the set Zhang et al. released (`pts_in_hull.npy`) holds all 261 of those
-cells plus 52 border points no sRGB colour reaches. Their exact procedure is
-not published, so Q = 313 is taken from the paper and the set is computed as
-
-  the Q grid points nearest to the ab region that sRGB colours reach,
-
-distance measured in ab (Euclidean) and 0 inside the region. A grid point is
-inside when, for some L in [0, 100] (step 0.25), the Lab colour survives the
-round trip Lab -> sRGB (clipped) -> Lab within 0.01; otherwise its distance
-is the distance to the nearest ab of the 393,216 8-bit colours on the surface
-of the RGB cube (the region's boundary is the image of the cube's surface).
-The selection is not sensitive to the details: the 313th point lies 13.25
-from the region, the 314th 13.73. It contains every one of the 261 reachable
-cells (so every sRGB colour is within 5 * sqrt(2) of a bin) and shares 309 of
-its 313 bins with Zhang et al.'s released set. Bins are sorted by (a, b), as
-in that set. The computation takes about a second and runs once per process
-(`functools.lru_cache`).
+The Q = 313 bin centres are Zhang et al.'s released list (`pts_in_hull.npy`),
+in their order (sorted by (a, b)), shipped as
+mtssl/data/priors/zhang_ab_bins_313.npy with its source and sha256 in the
+.json beside it. `gamut_ab_bins` computes a 313-bin set from the sRGB gamut
+instead (the grid points nearest to the ab region sRGB reaches); it is not
+used for training and serves to check the released list against the gamut
+(BUILD.md).
 
 Soft encoding (`soft_encode`)
 -----------------------------
@@ -62,6 +43,7 @@ its mode.
 """
 
 import functools
+import hashlib
 import io
 import json
 import os
@@ -82,10 +64,16 @@ ANNEALED_TEMPERATURE = 0.38
 _GRID_LIMIT = 150     # candidate centres span [-150, 150]^2 (the gamut: ~[-110, 100])
 _GAMUT_L_STEPS = 401  # L in [0, 100], step 0.25, for the inside test
 _ROUND_TRIP_TOLERANCE = 0.01
+_PRIORS_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data', 'priors')
 
 
 class ColorPriorError(ValueError):
   """A colour prior file that is missing or cannot be used."""
+
+
+class AbBinsError(ValueError):
+  """An ab bin file that cannot be used."""
 
 
 def _cube_surface_rgb() -> np.ndarray:
@@ -111,8 +99,9 @@ def _candidate_grid() -> np.ndarray:
 def gamut_distances() -> Tuple[np.ndarray, np.ndarray]:
   """(grid [G, 2], distance [G]) of every candidate grid point to the sRGB region.
 
-  Distance 0 means the grid point itself is reachable with some L (see the
-  module docstring). Read-only arrays.
+  Distance 0: for some L in [0, 100] (step 0.25) the Lab colour survives
+  Lab -> sRGB (clipped) -> Lab within 0.01. Otherwise: the ab distance to the
+  nearest 8-bit colour on the surface of the RGB cube. Read-only arrays.
   """
   from scipy import spatial  # pylint: disable=g-import-not-at-top
   with tf.init_scope():  # Eager even when first needed inside a graph.
@@ -138,12 +127,60 @@ def _gamut_distances(spatial):
 
 
 @functools.lru_cache(maxsize=None)
-def ab_bins() -> np.ndarray:
-  """The Q = 313 bin centres, float32 [313, 2] (a, b), sorted by (a, b)."""
+def gamut_ab_bins() -> np.ndarray:
+  """The Q grid points nearest to the sRGB ab region, float32 [313, 2].
+
+  Distance as in `gamut_distances`, ties broken by (a, b); sorted by (a, b).
+  Not the training bins (see `ab_bins`).
+  """
   grid, distance = gamut_distances()
   nearest = np.lexsort((grid[:, 1], grid[:, 0], distance))[:NUM_BINS]
   bins = grid[nearest]
   bins = bins[np.lexsort((bins[:, 1], bins[:, 0]))].astype(np.float32)
+  bins.setflags(write=False)
+  return bins
+
+
+def default_bins_path() -> str:
+  """Zhang et al.'s 313 bin centres (int64 [313, 2]), shipped with the package."""
+  return os.path.join(_PRIORS_DIR, 'zhang_ab_bins_313.npy')
+
+
+def load_bins(path: str) -> np.ndarray:
+  """Reads and checks a bin list: 313 distinct (a, b) multiples of 10 -> float32."""
+  if not os.path.isfile(path):
+    raise AbBinsError(f'ab bin file {path!r} does not exist.')
+  try:
+    bins = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise AbBinsError(f'ab bin file {path!r} is not a readable .npy array: '
+                      f'{str(e).splitlines()[0]}') from None
+  problem = None
+  if bins.shape != (NUM_BINS, 2):
+    problem = f'expected shape ({NUM_BINS}, 2), got {bins.shape}'
+  elif not np.issubdtype(bins.dtype, np.number):
+    problem = f'expected numbers, got dtype {bins.dtype}'
+  elif not np.all(np.isfinite(bins)) or np.any(np.mod(bins, GRID_STEP) != 0):
+    problem = f'the centres are not all multiples of {GRID_STEP:g}'
+  elif len(np.unique(bins, axis=0)) != NUM_BINS:
+    problem = 'some centres are repeated'
+  if problem:
+    raise AbBinsError(f'ab bin file {path!r} is malformed: {problem}.')
+  return bins.astype(np.float32)
+
+
+def bins_provenance() -> dict:
+  """{'file', 'sha256'} of the shipped bin list, for the metadata of priors."""
+  path = default_bins_path()
+  with open(path, 'rb') as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+  return {'file': os.path.basename(path), 'sha256': digest}
+
+
+@functools.lru_cache(maxsize=None)
+def ab_bins() -> np.ndarray:
+  """The Q = 313 bin centres of Zhang et al., float32 [313, 2] (a, b), their order."""
+  bins = load_bins(default_bins_path())
   bins.setflags(write=False)
   return bins
 
@@ -241,8 +278,7 @@ def rebalancing_weights(prior, rebalance_lambda: float = REBALANCE_LAMBDA
 
 def default_prior_path() -> str:
   """The prior of the built-in synthetic data, shipped with the package."""
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      'data', 'priors', 'synthetic_ab_prior.npy')
+  return os.path.join(_PRIORS_DIR, 'synthetic_ab_prior.npy')
 
 
 def save_prior(path: str, prior, metadata: Optional[dict] = None) -> None:

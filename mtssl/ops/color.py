@@ -72,11 +72,16 @@ def rgb_to_lab(rgb, fast=False):
 
 
 def lab_to_rgb(lab):
-  """Lab (..., 3) -> sRGB in [0, 1] (..., 3), clipped to the gamut."""
+  """Lab (..., 3) -> sRGB in [0, 1] (..., 3), clipped to the gamut.
+
+  Out-of-gamut colours are clipped as scikit-image's lab2rgb clips them: a
+  negative f(Z/Zn) is set to 0 before XYZ, RGB is clipped to [0, 1] after.
+  """
   lab = tf.cast(lab, tf.float32)
   lightness, a, b = tf.unstack(lab, axis=-1)
   fy = (lightness + 16.0) / 116.0
-  f = tf.stack([fy + a / 500.0, fy, fy - b / 200.0], axis=-1)
+  fz = tf.maximum(fy - b / 200.0, 0.0)
+  f = tf.stack([fy + a / 500.0, fy, fz], axis=-1)
   xyz = tf.where(f > _DELTA, f ** 3, 3 * _DELTA ** 2 * (f - 4.0 / 29.0))
   xyz = xyz * tf.constant(_D65_WHITE, tf.float32)
   return _linear_to_srgb(mix_channels(xyz, _XYZ_TO_RGB))
