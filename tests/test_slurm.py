@@ -1,17 +1,18 @@
-"""tools/cluster/slurm.sbatch on a real one-node Slurm cluster.
+"""tools/cluster/slurm.sbatch: its script logic, and a real one-node Slurm run.
 
-The class set-up installs Slurm and munge when they are absent (Debian's
-slurmctld, slurmd, slurm-client and munge, as root), writes a slurm.conf for
-one node (localhost, this machine's CPUs and memory) in a temporary
-directory, and starts munged, slurmctld and slurmd as root on free ports.
-The test submits the template with sbatch: a coordinator, 1 parameter server
-and 2 workers (rp: 1, col: 1) as 4 Slurm tasks on the node, training a tiny
-trunk for a few rounds. The class cleanup cancels the job, stops the three
-daemons and ends every process the cluster started, also when a test fails.
+TemplateScriptTest runs the template with a stand-in srun (no Slurm needed).
 
-Where this machine does not allow it (not root, no apt-get, the packages
-cannot be installed, a daemon does not start), the class is skipped with the
-reason.
+SlurmTemplateTest's class set-up installs Slurm and munge when they are
+absent (Debian's slurmctld, slurmd, slurm-client and munge, as root), writes
+a slurm.conf for one node (localhost, this machine's CPUs and memory) in a
+temporary directory, and starts munged, slurmctld and slurmd as root on free
+ports. The test submits the template with sbatch: a coordinator, 1 parameter
+server and 2 workers (rp: 1, col: 1) as 4 Slurm tasks on the node, training
+a tiny trunk for a few rounds. The class cleanup cancels the job, stops the
+three daemons and ends every process the cluster started (step daemons and
+job processes included), also when a test fails. Where this machine does not
+allow it (not root, no apt-get, the packages cannot be installed, a daemon
+does not start), the class is skipped with the reason.
 """
 
 import contextlib
@@ -45,7 +46,7 @@ PROGRAMS = ('munged', 'munge', 'slurmctld', 'slurmd', 'sbatch', 'scontrol',
 MARKER = 'MTSSL_SLURM_TEST'
 INSTALL_TIMEOUT = 300.0  # seconds: apt-get update + install (measured 7 s)
 START_TIMEOUT = 60.0  # seconds: daemons up, node idle (measured 3 s)
-# seconds: the job; measured 42 s on 2 cores alone, 170 s at load 8.
+# seconds: the job; measured 42 s on 2 idle cores, 138-170 s at load 8-12.
 JOB_TIMEOUT = 480.0
 
 TASKS = ('rp', 'col')
