@@ -31,9 +31,9 @@ import unittest
 
 import tensorflow as tf
 
-from mtssl import configs
+from mtssl.configs import training as configs
 from mtssl import train
-from mtssl.training import distributed
+from mtssl.training.cluster import plan as cluster_plan
 from mtssl.training import trainer as trainer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -252,7 +252,7 @@ class TemplateScriptTest(tf.test.TestCase):
     try:
       train.FLAGS(['mtssl.train', *args])
       config = train.config_from_flags()
-      plan = distributed.ClusterPlan.from_strings(config,
+      plan = cluster_plan.ClusterPlan.from_strings(config,
                                                   train.FLAGS.task_workers)
     finally:
       train.FLAGS.unparse_flags()
@@ -425,7 +425,7 @@ class SlurmTemplateTest(tf.test.TestCase):
     full_log = _tail(log.replace('%j', job), 100000)
     for role in ('ps 0', 'worker 0', 'worker 1'):
       self.assertIn(f'Serving as {role} at localhost:', full_log)
-    with open(os.path.join(model_dir, distributed.RESULT_FILE)) as f:
+    with open(os.path.join(model_dir, cluster_plan.RESULT_FILE)) as f:
       result = json.load(f)
     self.assertEqual(result['worker_tasks'], {'0': 'rp', '1': 'col'})
     self.assertEqual(sum(result['task_steps'].values()), STEPS, msg=result)
@@ -435,7 +435,7 @@ class SlurmTemplateTest(tf.test.TestCase):
     checkpoint = result['checkpoint']
     self.assertEqual(tf.train.latest_checkpoint(model_dir), checkpoint)
     trainer = trainer_lib.Trainer(make_config(model_dir)).setup()
-    self.assertEqual(trainer.resumed_from, checkpoint)
+    self.assertEqual(trainer.run.resumed_from, checkpoint)
     reader = tf.train.load_checkpoint(checkpoint)
     for name in TASKS:
       self.assertEqual(

@@ -1,6 +1,8 @@
 """`python -m mtssl.train`: flags, flagfiles, validation and exit codes."""
 
+import contextlib
 import glob
+import io
 import os
 import subprocess
 import sys
@@ -53,7 +55,8 @@ class FlagsTest(tf.test.TestCase, parameterized.TestCase):
       tasks = os.path.basename(path)[:-len('.flags')].replace('_lasso', '')
       tasks = tasks.replace('_h', '').split('_')
       self.assertEqual(sorted(config.tasks), sorted(tasks), path)
-      self.assertEqual(config.harmonize, path.endswith('_h.flags'), path)
+      self.assertEqual(config.tasks['rp'].config.harmonize,
+                       path.endswith('_h.flags'), path)
       self.assertEqual(config.lasso, path.endswith('_lasso.flags'), path)
       if 'col' in config.tasks:  # The paper's 35 M-parameter head.
         self.assertEqual(config.tasks['col'].config.head_widths, (4096, 4096))
@@ -61,18 +64,18 @@ class FlagsTest(tf.test.TestCase, parameterized.TestCase):
   def test_per_task_and_tuple_flags(self):
     config = parse('--tasks=rp,col,ex', '--rp_batch_size=3',
                    '--col_head_widths=64,32', '--ex_learning_rate=0.01',
-                   '--harmonize', '--steps=7')
+                   '--rp_harmonize', '--steps=7')
     self.assertEqual(config.tasks['rp'].config.batch_size, 3)
     self.assertEqual(config.tasks['col'].config.head_widths, (64, 32))
     self.assertEqual(config.tasks['ex'].learning_rate, 0.01)
-    self.assertTrue(config.harmonize)
+    self.assertTrue(config.tasks['rp'].config.harmonize)
     self.assertEqual(config.steps, 7)
 
   @parameterized.parameters(
       (('--tasks=rp,jigsaw',), "unknown task 'jigsaw'"),
       (('--rp_batch_size=-4',), 'batch_size must be positive, got -4'),
       (('--col_head_widths=64,wide',), '--col_head_widths: expected'),
-      (('--tasks=col', '--harmonize'), 'rp is not among the tasks'),
+      (('--tasks=col', '--rp_harmonize'), 'rp is not among --tasks'),
       (('--tasks=col', '--rp_batch_size=2'), 'rp is not among --tasks'),
       (('--output_stride=12',), 'output_stride'),
       (('--steps=0',), 'steps must be positive'),
@@ -84,14 +87,37 @@ class FlagsTest(tf.test.TestCase, parameterized.TestCase):
       parse(*args)
 
 
+def main_in_process(*args):
+  """(exit status, stderr) of train.main with `args` as the command line."""
+  stderr = io.StringIO()
+  train.FLAGS.unparse_flags()
+  try:
+    train.FLAGS(['mtssl.train', *args])
+    with contextlib.redirect_stderr(stderr):
+      status = train.main(['mtssl.train'])
+  finally:
+    train.FLAGS.unparse_flags()
+  return status, stderr.getvalue()
+
+
 class CommandLineTest(tf.test.TestCase):
 
   def test_bad_input_exits_2_with_one_line(self):
     for args, message in (
         (('--rp_data=folder:/no/such/dir',), "rp_data='folder:/no/such/dir'"),
         (('--tasks=rp,jigsaw',), "unknown task 'jigsaw'"),
-        (('--no_such_flag=1',), 'no_such_flag'),
+        (('--rp_batch_size=0',), 'batch_size must be positive'),
     ):
+      status, stderr = main_in_process(
+          *args, f'--model_dir={self.get_temp_dir()}/run')
+      self.assertEqual(status, 2, (args, stderr[-2000:]))
+      errors = [l for l in stderr.splitlines() if l.startswith('error:')]
+      self.assertLen(errors, 1, stderr[-2000:])
+      self.assertIn(message, errors[0])
+      self.assertFalse(os.path.exists(f'{self.get_temp_dir()}/run/checkpoint'))
+
+  def test_real_entry_point_rejects_an_unknown_flag(self):
+    for args, message in ((('--no_such_flag=1',), 'no_such_flag'),):
       result = run_cli(*args, f'--model_dir={self.get_temp_dir()}/run')
       self.assertEqual(result.returncode, 2, (args, result.stderr[-2000:]))
       errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]

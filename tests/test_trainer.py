@@ -6,18 +6,29 @@ and col tasks at small sizes; compute accounting and non-finite handling on
 toy tasks (a NaN can be injected into their data).
 """
 
+import contextlib
 import os
 
 import numpy as np
 import tensorflow as tf
 
 from mtssl.configs import training as configs
+from mtssl.tasks import base
 from mtssl.tasks import col
 from mtssl.tasks import rp
 from mtssl.training import trainer as trainer_lib
 from tests import toy_task
 
 A, B = toy_task.toy_task_class('toy_a'), toy_task.toy_task_class('toy_b')
+_REGISTERED = contextlib.ExitStack()
+
+
+def setUpModule():
+  _REGISTERED.enter_context(base.temporary_tasks(A, B))
+
+
+def tearDownModule():
+  _REGISTERED.close()
 
 
 def make_config(model_dir, steps=6, nan_at=(), **overrides):

@@ -32,6 +32,7 @@ trunk as one batch); the head rearranges them.
 """
 
 import abc
+import contextlib
 import dataclasses
 from typing import Any, ClassVar, Dict, Optional, Tuple, Type
 
@@ -144,6 +145,21 @@ def register(cls: Type[Task]) -> Type[Task]:
                      f'{_REGISTRY[name].__name__}.')
   _REGISTRY[name] = cls
   return cls
+
+
+@contextlib.contextmanager
+def temporary_tasks(*classes: Type[Task]):
+  """Registers `classes` for the duration of the block only (for tests)."""
+  added = []
+  try:
+    for cls in classes:
+      if cls.name in _REGISTRY:
+        raise ValueError(f'Task name {cls.name!r} is already registered.')
+      added.append(register(cls).name)
+    yield
+  finally:
+    for name in added:
+      _REGISTRY.pop(name, None)
 
 
 def task_names():
