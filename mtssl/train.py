@@ -90,6 +90,11 @@ def _define_flags():
 _define_flags()
 
 
+def _has_gpu() -> bool:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return bool(tf.config.list_physical_devices('GPU'))
+
+
 def config_from_flags(flag_values=FLAGS) -> configs.TrainConfig:
   """The preset named by --config with every given flag applied."""
   names = flag_values.tasks
@@ -104,7 +109,7 @@ def config_from_flags(flag_values=FLAGS) -> configs.TrainConfig:
                                   f'{", ".join(known)}.')
     if len(set(names)) != len(names):
       raise configs.ConfigError(f'--tasks lists a task twice: {",".join(names)}.')
-  config = configs.PRESETS[flag_values.config](names)
+  config = configs.PRESETS[flag_values.config](names, gpu=_has_gpu())
   config = dataclasses.replace(
       config, **config_base.given_values(flag_values, '', configs.TrainConfig))
   for task in tasks_lib.task_names():
@@ -181,9 +186,14 @@ def main(argv):
       logging.info('Cluster run: %s', plan.task_workers)
     else:
       trainer = trainer_lib.Trainer(config)
-    logging.info('Tasks %s, trunk %s at output stride %d, model_dir %s',
-                 ','.join(config.tasks), config.trunk, config.output_stride,
-                 config.model_dir)
+    logging.info(
+        'Tasks %s (batch %s), trunk %s at output stride %d, precision %s, '
+        'XLA %s, atrous %s, on %s; model_dir %s', ','.join(config.tasks),
+        ','.join(str(r.config.batch_size) for r in config.tasks.values()),
+        config.trunk, config.output_stride, config.mixed_precision,
+        'on' if config.xla else 'off',
+        'native' if config.native_atrous else 'space-to-batch',
+        'GPU' if _has_gpu() else 'CPU', config.model_dir)
     trainer.setup()
   except (configs.ConfigError, sources_lib.DataSourceError) as e:
     print(f'error: {e}', file=sys.stderr)

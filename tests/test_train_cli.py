@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import tensorflow as tf
 from absl.testing import parameterized
@@ -55,8 +56,9 @@ class FlagsTest(tf.test.TestCase, parameterized.TestCase):
       tasks = os.path.basename(path)[:-len('.flags')].replace('_lasso', '')
       tasks = tasks.replace('_h', '').split('_')
       self.assertEqual(sorted(config.tasks), sorted(tasks), path)
-      self.assertEqual(config.tasks['rp'].config.harmonize,
-                       path.endswith('_h.flags'), path)
+      if 'rp' in config.tasks:
+        self.assertEqual(config.tasks['rp'].config.harmonize,
+                         path.endswith('_h.flags'), path)
       self.assertEqual(config.lasso, path.endswith('_lasso.flags'), path)
       if 'col' in config.tasks:  # The paper's 35 M-parameter head.
         self.assertEqual(config.tasks['col'].config.head_widths, (4096, 4096))
@@ -70,6 +72,26 @@ class FlagsTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(config.tasks['ex'].learning_rate, 0.01)
     self.assertTrue(config.tasks['rp'].config.harmonize)
     self.assertEqual(config.steps, 7)
+
+  def test_paper_preset_on_a_gpu_is_the_compiled_bf16_path(self):
+    gpu = configs.paper_config(gpu=True)
+    self.assertEqual((gpu.mixed_precision, gpu.xla, gpu.native_atrous),
+                     ('bf16', True, False))
+    self.assertEqual({n: r.config.batch_size for n, r in gpu.tasks.items()},
+                     {'rp': 256, 'col': 64, 'ex': 64, 'ms': 16})
+    cpu = configs.paper_config()
+    self.assertEqual((cpu.mixed_precision, cpu.xla), ('none', False))
+    self.assertEqual(configs.cpu_config(gpu=True), configs.cpu_config())
+    # Flags still override the GPU defaults.
+    with mock.patch.object(train, '_has_gpu', return_value=True):
+      config = parse('--config=paper', '--tasks=rp,col',
+                     '--mixed_precision=none', '--noxla',
+                     '--col_batch_size=8')
+      flagfile = parse(f'--flagfile={os.path.join(ROOT, "flags", "col.flags")}')
+    self.assertEqual((config.mixed_precision, config.xla), ('none', False))
+    self.assertEqual(config.tasks['col'].config.batch_size, 8)
+    self.assertEqual(config.tasks['rp'].config.batch_size, 256)
+    self.assertEqual((flagfile.mixed_precision, flagfile.xla), ('bf16', True))
 
   @parameterized.parameters(
       (('--tasks=rp,jigsaw',), "unknown task 'jigsaw'"),

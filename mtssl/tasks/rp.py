@@ -351,6 +351,7 @@ class RelativePositionTask(base.Task):
   cpu_overrides = {'unit_depths': (128, 64), 'unit_bottleneck': 32,
                    'fc_bottleneck': 128}
   paper_trunk_inputs = (2, (96, 96))
+  gpu_batch_size = 256
   head_fields = ('patch_size', 'unit_depths', 'unit_bottleneck', 'fc_depth',
                  'fc_bottleneck', 'num_fc_units')
 
