@@ -20,10 +20,10 @@ trainer's schedule. Reported per row: step time, training examples/s, the
 analytic forward multiply-accumulates per example counted from the model's
 own graph (mtssl.benchmarking.flops: trunk, with the task's trunk_images expansion, plus
 head), training FLOPs per example (2 FLOPs per MAC, x3 for forward and
-backward, the usual convention and SPEC section 8's), achieved TFLOP/s and
+backward, the usual convention), achieved TFLOP/s and
 model-FLOP utilization against the device's peak (`--peak_tflops`, or the
 table `PEAK_TFLOPS` for known accelerators; none on a CPU). For the paper's
-configuration the count is set beside SPEC section 8's figures.
+configuration the count is set beside the paper model's reference counts.
 
 Pipelines (`--what=pipelines`). Each task's real input pipeline
 (`Task.make_dataset`) reads images held in memory, decoded (`memory`: the
@@ -717,11 +717,11 @@ def markdown(report: Mapping[str, object]) -> str:
   if steps:
     lines += ['## Training steps', '',
               'Forward G MACs per example counted from the model\'s graph '
-              '(SPEC section 8 in brackets where the model is the paper\'s); '
+              '(the paper model\'s reference count in brackets); '
               'training FLOPs = 6 x forward MACs. Constant device-resident '
               'batches; input not included.', '',
               '| task | trunk | batch | precision | XLA | atrous | step s | '
-              'examples/s | fwd GMAC/ex [SPEC] | train GFLOP/ex | TFLOP/s | '
+              'examples/s | fwd GMAC/ex [paper] | train GFLOP/ex | TFLOP/s | '
               'MFU | first step s |',
               '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in steps:

@@ -1,4 +1,5 @@
-"""Analytic MAC counting against hand-computed cases and SPEC section 8."""
+"""Analytic MAC counting against hand-computed cases and the paper model's
+reference counts."""
 
 import tensorflow as tf
 import tf_keras
@@ -24,7 +25,7 @@ class CountMacsTest(tf.test.TestCase):
                      9 * 9 * 3 * 3 * 4 * 8)
 
   def test_paper_trunk_matches_spec(self):
-    # SPEC section 8: 28.75 G MACs per 256x256 image at output stride 8.
+    # Reference count: 28.75 G MACs per 256x256 image at output stride 8.
     trunk = resnet_lib.paper_trunk(output_stride=8).build_for_input()
     macs = flops.count_macs(lambda x: trunk(x, training=False)[trunk.output_name],
                             tf.TensorSpec([1, 256, 256, 3]))

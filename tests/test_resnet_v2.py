@@ -68,7 +68,7 @@ class ResNetV2101SizeTest(tf.test.TestCase):
 
   def test_variable_and_kernel_counts_match_slim(self):
     # tf_slim 1.1.0 resnet_v2_101 to block 3: 27,635,200 variables including
-    # batch-norm moving statistics (SPEC section 2: 27.6 M), 94 conv kernels.
+    # batch-norm moving statistics (27.6 M for ResNet-v2-101 to block 3), 94 conv kernels.
     self.assertEqual(sum(int(np.prod(v.shape)) for v in self.trunk.variables),
                      27_635_200)
     kernels = [n for n in self.trunk.slim_variables() if n.endswith('/weights')]

@@ -6,7 +6,7 @@ against tf_slim built in graph mode). The architecture is data: a list of
 `Block(scope, base_depth, num_units, stride)` and one planning function,
 `plan_units`, that owns the output-stride / atrous-rate bookkeeping.
 
-Slim conventions reproduced here (see SPEC section 2):
+Slim conventions reproduced here:
 
 * A block's stride sits on its LAST unit.
 * Root: `conv1` 7x7/2 with bias, no batch norm, no activation, through

@@ -6,7 +6,7 @@ Conv2D: output positions x kernel height x kernel width x input channels x
 output channels (dilation does not change the count; the padding positions of
 TensorFlow's space-to-batch form of dilated convolutions are not counted); MatMul / BatchMatMul:
 M x N x K (x batch). Element-wise work (batch norm, ReLU, additions, pooling)
-is not counted, as in the usual MAC figures (SPEC section 8). A training step
+is not counted, as in the usual MAC figures. A training step
 is about 3x the forward count (forward, and two backward products).
 """
 

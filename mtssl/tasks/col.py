@@ -2,7 +2,7 @@
 
 Given the lightness of an image, predict its colour: a 313-way distribution
 over quantized ab bins (mtssl.ops.ab_bins) for every 8x8 region. Paper
-sections 2 and 3.4, SPEC section 3.
+sections 2 and 3.4.
 
 Input pipeline (`make_dataset`), per stream position k with randomness from
 (seed, k) only:

@@ -1,7 +1,7 @@
 """Motion segmentation (Pathak et al. 2017) as the paper reimplemented it.
 
 Given one video frame, predict which pixels will move independently of the
-camera in the following frames. Paper sections 2 and 3.4, SPEC section 3.
+camera in the following frames. Paper sections 2 and 3.4.
 
 Inputs (`make_source`): `synthetic` (the built-in synthetic video, frame 0 of
 clip (seed, k) with its exact motion mask) or `tfrecord:/dir/or/glob` (labels
