@@ -22,7 +22,8 @@ Depth (`DepthAccumulator`), over VALID pixels only (ground truth finite and
 A prediction <= 0 has no finite ratio and fails every threshold; callers clip
 predictions to the dataset's depth range first. A non-finite prediction is an
 error: it fails every threshold, its absolute and relative errors are
-infinite (so are mae and rel), and it is counted (`nonfinite_predictions`).
+infinite (so are mae and rel), and it is counted (`nonfinite_predictions`,
+at valid pixels).
 
 Detection (`DetectionAccumulator`): PASCAL VOC average precision exactly as
 the VOC2007 devkit's VOCevaldet.m computes it, per class over the whole set:
