@@ -89,11 +89,12 @@ class VocApTest(absltest.TestCase):
     self.acc.add_ground_truth('im0', [_box(0, 0, 10, 10), _box(20, 20, 30, 30)],
                               [0, 0], [False, True])
     self.acc.add_ground_truth('im1', [_box(0, 0, 10, 10)], [0], [False])
-    # Detections of class 0, by decreasing score:
+    # Detections of class 0, by decreasing score (overlaps with the devkit's
+    # inclusive pixel boxes: G1 is 11 x 11 = 121 pixels):
     #   d1 (0.9) = G1 exactly                      -> TP
     #   d2 (0.8) = G2, difficult                   -> ignored
-    #   d3 (0.7) IoU 0.9 with G1, already found    -> FP (duplicate)
-    #   d4 (0.6) IoU 0.6 with G3                   -> TP at 0.5, FP at 0.75
+    #   d3 (0.7) 110/121 with G1, already found    -> FP (duplicate)
+    #   d4 (0.6) 77/121 = 0.64 with G3             -> TP at 0.5, FP at 0.75
     #   d5 (0.5) overlaps nothing                  -> FP
     self.acc.add_detections('im0', [_box(20, 20, 30, 30), _box(0, 0, 10, 10),
                                     _box(0, 0, 10, 9)], [0.8, 0.9, 0.7],
@@ -111,7 +112,7 @@ class VocApTest(absltest.TestCase):
     self.assertAlmostEqual(self.acc.class_ap(0, 0.5), (6 + 5 * 2 / 3) / 11)
 
   def test_11_point_ap_at_iou_075(self):
-    # d4 (IoU 0.6) is now an FP: recall never exceeds 0.5 -> 6 points of 1.
+    # d4 (overlap 0.64) is now an FP: recall never exceeds 0.5 -> 6 points of 1.
     self.assertAlmostEqual(self.acc.class_ap(0, 0.75), 6 / 11)
 
   def test_map_leaves_out_classes_without_ground_truth(self):
@@ -129,19 +130,45 @@ class VocApTest(absltest.TestCase):
     # 0.5 -> 1 at precision 2/3.
     self.assertAlmostEqual(acc.class_ap(0, 0.5), 0.5 + 0.5 * 2 / 3)
 
-  def test_overlap_must_exceed_threshold(self):
+  def test_overlap_at_the_threshold_counts(self):
+    # VOCevaldet.m: `ovmax>=VOCopts.minoverlap`, areas with the "+1".
     acc = metrics.DetectionAccumulator(1, (0.5,))
-    acc.add_ground_truth(0, [_box(0, 0, 10, 10)], [0])
-    acc.add_detections(0, [_box(0, 0, 10, 5)], [1.0], [0])  # IoU exactly 0.5
-    self.assertEqual(acc.class_ap(0, 0.5), 0.0)
-    acc.add_ground_truth(1, [_box(0, 0, 10, 10)], [0])
-    acc.add_detections(1, [_box(0, 0, 10, 5.01)], [0.5], [0])  # IoU 0.501
-    # Ranked: FP (image 0), TP (image 1): recall 0, .5; precision 0, .5.
-    self.assertAlmostEqual(acc.class_ap(0, 0.5), 6 * 0.5 / 11)
+    acc.add_ground_truth(0, [_box(1, 1, 10, 10)], [0])  # 10 x 10 pixels
+    acc.add_detections(0, [_box(1, 1, 10, 5)], [1.0], [0])  # 50 of 100: 0.5
+    self.assertAlmostEqual(acc.class_ap(0, 0.5), 1.0)
+    acc.add_ground_truth(1, [_box(1, 1, 10, 10)], [0])
+    acc.add_detections(1, [_box(1, 1, 10, 4.9)], [0.5], [0])  # 49 of 100
+    # Ranked: TP (image 0), FP (image 1): recall .5, .5; precision 1, .5.
+    self.assertAlmostEqual(acc.class_ap(0, 0.5), 6 / 11)
 
-  def test_recall_exactly_on_a_grid_point_counts(self):
-    # 0.3 is below float(0.1 * 3); the devkit's 0:0.1:1 means recall >= 0.3.
-    self.assertAlmostEqual(metrics.voc_ap([0.3], [1.0]), 4 / 11)
+  def test_recall_thresholds_are_matlab_colon_doubles(self):
+    # The devkit loops `for t=0:0.1:1`. MATLAB's colon builds the first half
+    # as k * 0.1 and the second as 1 - k * 0.1: the fourth threshold is
+    # 3 * 0.1 = 0.30000000000000004, above the double 0.3 = 3/10, while the
+    # seventh and eighth are 1 - 0.4 and 1 - 3 * 0.1, the doubles 0.6 and 0.7.
+    self.assertEqual(metrics.VOC07_RECALL_THRESHOLDS[3], 3 * 0.1)
+    self.assertGreater(metrics.VOC07_RECALL_THRESHOLDS[3], 3 / 10)
+    self.assertEqual(metrics.VOC07_RECALL_THRESHOLDS[6], 3 / 5)
+    self.assertEqual(metrics.VOC07_RECALL_THRESHOLDS[7], 7 / 10)
+    # So recall 3/10 reaches 3 points (0, 0.1, 0.2), 3/5 reaches 7, 7/10 8.
+    self.assertEqual(metrics.voc_ap([3 / 10], [1.0]), 3 / 11)
+    self.assertAlmostEqual(metrics.voc_ap([3 / 5], [1.0]), 7 / 11)
+    self.assertAlmostEqual(metrics.voc_ap([7 / 10], [1.0]), 8 / 11)
+
+  def test_matlab_colon_reproduces_published_matlab_results(self):
+    # MATLAB Answers, "How does COLON work?": x = 0:0.1:0.3, y = 0:0.1:0.4;
+    # MATLAB prints x - y(1:end-1) = 1.0e-16 * [0 0 -0.2776 -0.5551].
+    x = np.array(metrics.matlab_colon(0, 0.1, 0.3))
+    y = np.array(metrics.matlab_colon(0, 0.1, 0.4))
+    np.testing.assert_allclose((x - y[:-1]) * 1e16,
+                               [0, 0, -0.2776, -0.5551], atol=1e-4)
+    # Stack Overflow 15514343: `x == 0.20` holds for an x of 0:0.01:1 but for
+    # none of -1:0.01:1.
+    self.assertIn(0.2, metrics.matlab_colon(0, 0.01, 1))
+    self.assertNotIn(0.2, metrics.matlab_colon(-1, 0.01, 1))
+    self.assertLen(metrics.matlab_colon(-1, 0.01, 1), 201)
+    self.assertEqual(metrics.matlab_colon(1, 1, 4), [1.0, 2.0, 3.0, 4.0])
+    self.assertEqual(metrics.matlab_colon(0, 0.1, -1), [])
 
   def test_difficult_only_image_detections_are_ignored(self):
     acc = metrics.DetectionAccumulator(1, (0.5,))

@@ -8,7 +8,8 @@ tables; errors in the unit of the data (metres for depth).
 Classification (`TopKAccumulator`): top-k accuracy ("recall at k"). The label
 counts as within the top k when fewer than k classes score strictly higher
 than it, i.e. ties at the boundary count in favour of the label, as
-`tf.math.in_top_k` does.
+`tf.math.in_top_k` does. An example with any non-finite score (a diverged
+model) is wrong at every k and counted (`nonfinite_examples`).
 
 Depth (`DepthAccumulator`), over VALID pixels only (ground truth finite and
 > 0), pooled over every valid pixel of the evaluated set:
@@ -18,29 +19,45 @@ Depth (`DepthAccumulator`), over VALID pixels only (ground truth finite and
                                         "mean squared difference" contradicts
                                         the metric's name and is not followed)
   rel     = mean |d - d_hat| / d
-A prediction <= 0 (or non-finite) has no finite ratio and fails every
-threshold; callers clip predictions to the dataset's depth range first.
+A prediction <= 0 has no finite ratio and fails every threshold; callers clip
+predictions to the dataset's depth range first. A non-finite prediction is an
+error: it fails every threshold, its absolute and relative errors are
+infinite (so are mae and rel), and it is counted (`nonfinite_predictions`,
+at valid pixels).
 
-Detection (`DetectionAccumulator`): PASCAL VOC average precision as the VOC
-devkit (VOCevaldet.m) defines it, per class over the whole set:
-  * detections of a class are sorted by decreasing confidence (stable sort, as
-    MATLAB's `sort`), and each is assigned to the ground-truth box of the same
-    image and class with the highest IoU;
-  * IoU > threshold (strictly, as the devkit's `ovmax > minoverlap`):
+Detection (`DetectionAccumulator`): PASCAL VOC average precision exactly as
+the VOC2007 devkit's VOCevaldet.m computes it, per class over the whole set:
+  * detections of a class are ranked by MATLAB's `sort(-confidence)`: by
+    decreasing confidence, ties in the order the detections were added;
+  * a detection's overlap with a ground-truth box of the same image and class
+    uses the devkit's inclusive pixel boxes: iw = min(x2) - max(x1) + 1,
+    ih likewise, counted only when iw > 0 and ih > 0, overlap = iw * ih /
+    union of the (x2 - x1 + 1) * (y2 - y1 + 1) areas; the best box is the
+    first one of the highest overlap;
+  * overlap >= threshold (`ovmax>=VOCopts.minoverlap`):
     - the box is difficult: the detection is ignored (neither TP nor FP);
     - else the box is not yet detected: TP, and the box becomes detected;
     - else: FP (a duplicate);
-  * IoU <= threshold (or no box of that class in the image): FP;
+  * otherwise (or no box of that class in the image): FP;
   * recall = TP / (non-difficult boxes), precision = TP / (TP + FP);
-  * VOC2007 11-point AP: mean over t in {0, 0.1, ..., 1} of
-    max(precision at recall >= t), 0 when no recall reaches t. The all-point
-    (VOC2010+) AP is also available (`use_07_metric=False`).
-  Boxes are continuous (ymin, xmin, ymax, xmax) with exclusive max, so IoU
-  needs no "+1": the devkit's inclusive integer box [x1, x2] is the continuous
-  [x1 - 1, x2], which is how TFDS stores VOC boxes. A class without any
-  non-difficult ground truth has no AP (None) and is left out of the mean.
+  * VOC2007 11-point AP: sum over t in MATLAB's `0:0.1:1` of
+    max(precision at recall >= t) / 11, 0 when no recall reaches t. The
+    thresholds are the doubles MATLAB's colon operator makes
+    (`VOC07_RECALL_THRESHOLDS`): 0.30000000000000004 but exactly 0.6 and
+    0.7, so a recall of exactly 0.3 does not reach the fourth point. The
+    all-point (VOC2010+ VOCap.m) AP is also available (`use_07_metric=False`).
+  A precision of 0/0 (only ignored detections so far) is skipped as MATLAB's
+  `max` skips NaN; where the devkit's AP would be NaN (every detection of the
+  class ignored) this AP is 0. Boxes are (ymin, xmin, ymax, xmax) in the
+  devkit's pixel coordinates (TFDS VOC boxes times the image size). A class
+  without any non-difficult ground truth has no AP (None) and is left out of
+  the mean. A detection with a non-finite score cannot be ranked: it is
+  dropped (it would rank last, where it changes no AP); one with a finite
+  score but a non-finite box overlaps nothing (FP); both are counted
+  (`nonfinite_detections`).
 """
 
+import math
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -56,7 +73,10 @@ class MetricInputError(ValueError):
 
 
 def top_k_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-  """Boolean [N]: whether labels[i] is among the k highest scores[i]."""
+  """Boolean [N]: whether labels[i] is among the k highest scores[i].
+
+  False for a row with any non-finite score.
+  """
   scores = np.asarray(scores, np.float64)
   labels = np.asarray(labels)
   if scores.ndim != 2:
@@ -75,7 +95,7 @@ def top_k_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     raise MetricInputError(f'k must be >= 1, got {k}.')
   label_scores = scores[np.arange(len(labels)), labels]
   higher = np.sum(scores > label_scores[:, None], axis=1)
-  return higher < k
+  return (higher < k) & np.all(np.isfinite(scores), axis=1)
 
 
 class TopKAccumulator:
@@ -87,17 +107,21 @@ class TopKAccumulator:
 
   def reset(self):
     self.count = 0
+    self.nonfinite = 0
     self.correct = {k: 0 for k in self.ks}
 
   def update(self, scores, labels):
     for k in self.ks:
       self.correct[k] += int(np.sum(top_k_correct(scores, labels, k)))
     self.count += int(np.asarray(labels).shape[0])
+    self.nonfinite += int(np.sum(~np.all(
+        np.isfinite(np.asarray(scores, np.float64)), axis=1)))
 
   def result(self) -> Dict[str, float]:
     out = {f'top{k}': (100.0 * self.correct[k] / self.count
                        if self.count else float('nan')) for k in self.ks}
     out['num_examples'] = self.count
+    out['nonfinite_examples'] = self.nonfinite
     return out
 
 
@@ -126,6 +150,7 @@ class DepthAccumulator:
     self.within = [0] * len(self.thresholds)
     self.abs_sum = 0.0
     self.rel_sum = 0.0
+    self.nonfinite = 0
 
   def update(self, pred, gt):
     pred = np.asarray(pred, np.float64)
@@ -146,6 +171,7 @@ class DepthAccumulator:
     self.abs_sum += float(np.sum(err))
     self.rel_sum += float(np.sum(err / d))
     self.num_pixels += int(d.size)
+    self.nonfinite += int(np.sum(~np.isfinite(p)))
 
   def result(self) -> Dict[str, float]:
     n = self.num_pixels
@@ -155,6 +181,7 @@ class DepthAccumulator:
     out['mae'] = self.abs_sum / n if n else float('nan')
     out['rel'] = self.rel_sum / n if n else float('nan')
     out['num_pixels'] = n
+    out['nonfinite_predictions'] = self.nonfinite
     return out
 
 
@@ -163,35 +190,78 @@ class DepthAccumulator:
 # ---------------------------------------------------------------------------
 
 
-def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-  """IoU of one (ymin, xmin, ymax, xmax) box with each row of `boxes`."""
+def matlab_colon(a: float, d: float, b: float) -> List[float]:
+  """The doubles of MATLAB's `a:d:b` (d > 0), as MATLAB's colon computes them.
+
+  MathWorks' algorithm (colonop.m; MATLAB Coder's `eml_float_colon`): the
+  number of intervals n = floor((b - a) / d + 0.5), with b itself as the last
+  point when a + n*d is within 2 eps max(|a|, |b|) of it; the first half is
+  a + k*d, the second half b_last - k*d, and an even n puts (a + b_last) / 2
+  in the middle.
+  """
+  a, d, b = float(a), float(d), float(b)
+  n = math.floor((b - a) / d + 0.5)
+  last = a + n * d
+  if abs(last - b) < 2 * np.finfo(np.float64).eps * max(abs(a), abs(b)):
+    last = b
+  elif last > b:
+    n -= 1
+    last = a + n * d
+  if n < 0:
+    return []
+  v = [0.0] * (n + 1)
+  for k in range(n // 2 + 1):
+    v[k] = a + k * d
+    v[n - k] = last - k * d
+  if n % 2 == 0:
+    v[n // 2] = (a + last) / 2
+  return v
+
+
+# The devkit's `for t=0:0.1:1`: [0, 0.1, 0.2, 0.30000000000000004, 0.4, 0.5,
+# 0.6, 0.7, 0.8, 0.9, 1] (np.arange gives 0.6000000000000001 and
+# 0.7000000000000001 instead).
+VOC07_RECALL_THRESHOLDS = tuple(matlab_colon(0.0, 0.1, 1.0))
+
+
+def voc_overlaps(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+  """VOCevaldet.m's overlap of one box with each row of `boxes`.
+
+  Boxes are (ymin, xmin, ymax, xmax) inclusive pixel boxes (the devkit's
+  "+1" areas); -inf where the boxes do not intersect (iw or ih <= 0), as the
+  devkit never considers those.
+  """
   boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
   box = np.asarray(box, np.float64)
-  ih = np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0])
-  iw = np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1])
-  inter = np.maximum(ih, 0.0) * np.maximum(iw, 0.0)
-  area = max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)
-  areas = (np.maximum(boxes[:, 2] - boxes[:, 0], 0.0)
-           * np.maximum(boxes[:, 3] - boxes[:, 1], 0.0))
-  union = area + areas - inter
+  iw = np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]) + 1
+  ih = np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]) + 1
+  ua = ((box[3] - box[1] + 1) * (box[2] - box[0] + 1)
+        + (boxes[:, 3] - boxes[:, 1] + 1) * (boxes[:, 2] - boxes[:, 0] + 1)
+        - iw * ih)
+  intersect = (iw > 0) & (ih > 0)
   with np.errstate(divide='ignore', invalid='ignore'):
-    return np.where(union > 0, inter / union, 0.0)
+    return np.where(intersect, iw * ih / ua, -np.inf)
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray,
            use_07_metric: bool = True) -> float:
-  """VOC average precision from recall/precision curves (devkit definitions)."""
+  """VOC average precision from recall/precision curves (devkit definitions).
+
+  NaN precisions (0/0, before the first TP or FP) are skipped, as MATLAB's
+  `max` skips them.
+  """
   recall = np.asarray(recall, np.float64)
   precision = np.asarray(precision, np.float64)
   if use_07_metric:
     ap = 0.0
-    for t in np.linspace(0.0, 1.0, 11):
-      above = precision[recall >= t - 1e-12]
-      ap += (np.max(above) if above.size else 0.0) / 11.0
+    for t in VOC07_RECALL_THRESHOLDS:
+      above = precision[(recall >= t) & ~np.isnan(precision)]
+      p = np.max(above) if above.size else 0.0
+      ap = ap + p / 11
     return float(ap)
-  # VOC2010+: area under the monotone precision envelope.
+  # VOC2010+ (VOCap.m): area under the monotone precision envelope.
   mrec = np.concatenate([[0.0], recall, [1.0]])
-  mpre = np.concatenate([[0.0], precision, [0.0]])
+  mpre = np.concatenate([[0.0], np.nan_to_num(precision, nan=0.0), [0.0]])
   for i in range(len(mpre) - 2, -1, -1):
     mpre[i] = max(mpre[i], mpre[i + 1])
   idx = np.where(mrec[1:] != mrec[:-1])[0]
@@ -229,8 +299,9 @@ class DetectionAccumulator:
   def reset(self):
     # Per image: (boxes [N, 4], classes [N], difficult [N]).
     self.ground_truth: Dict[object, tuple] = {}
-    # Per class: lists of (image id, score, box).
+    # Per class: lists of (image id, score, box), in the order added.
     self.detections: List[list] = [[] for _ in range(self.num_classes)]
+    self.nonfinite_detections = 0
 
   def _check_classes(self, name, classes):
     classes = np.asarray(classes).astype(np.int64).reshape(-1)
@@ -263,7 +334,11 @@ class DetectionAccumulator:
     if classes.shape[0] != scores.shape[0]:
       raise MetricInputError(f'{scores.shape[0]} detection scores but '
                              f'{classes.shape[0]} classes.')
-    for box, score, cls in zip(boxes, scores, classes):
+    finite_score = np.isfinite(scores)
+    self.nonfinite_detections += int(np.sum(
+        ~(finite_score & np.all(np.isfinite(boxes), axis=1))))
+    for box, score, cls in zip(boxes[finite_score], scores[finite_score],
+                               classes[finite_score]):
       self.detections[cls].append((image_id, float(score), box))
 
   def class_ap(self, cls: int, iou_threshold: float) -> Optional[float]:
@@ -284,19 +359,16 @@ class DetectionAccumulator:
     if npos == 0:
       return None
     scores = np.array([d[1] for d in dets], np.float64)
+    # MATLAB's sort is stable: tied confidences keep the order added.
     order = np.argsort(-scores, kind='stable')
     tp = np.zeros(len(dets))
     fp = np.zeros(len(dets))
     for rank, i in enumerate(order):
       image_id, _, box = dets[i]
       gt_boxes, gt_difficult, detected = gt_per_image[image_id]
-      if gt_boxes.shape[0]:
-        overlaps = box_iou(box, gt_boxes)
-        j = int(np.argmax(overlaps))
-        ovmax = overlaps[j]
-      else:
-        ovmax = -np.inf
-      if ovmax > iou_threshold:
+      overlaps = voc_overlaps(box, gt_boxes)
+      j = int(np.argmax(overlaps)) if overlaps.size else -1
+      if j >= 0 and overlaps[j] >= iou_threshold:
         if gt_difficult[j]:
           continue  # neither TP nor FP
         if not detected[j]:
@@ -306,12 +378,11 @@ class DetectionAccumulator:
           fp[rank] = 1.0
       else:
         fp[rank] = 1.0
-    # Ignored detections keep tp = fp = 0 and do not move the curves.
     tp = np.cumsum(tp)
     fp = np.cumsum(fp)
     recall = tp / npos
     with np.errstate(divide='ignore', invalid='ignore'):
-      precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+      precision = tp / (fp + tp)  # 0/0 = NaN while only ignored so far
     return voc_ap(recall, precision, self.use_07_metric)
 
   def result(self) -> Dict[str, object]:
@@ -327,6 +398,7 @@ class DetectionAccumulator:
           for name, a in zip(self.class_names, aps)
       }
     out['num_images'] = len(self.ground_truth)
+    out['nonfinite_detections'] = self.nonfinite_detections
     return out
 
 

@@ -18,7 +18,8 @@ registered in `make_trunk_provider`, and nothing else changes.
 
 A checkpoint of another architecture (other depth, other widths, another
 trunk preset) is a `TrunkLoadError` that says which checkpoint and trunk
-disagree and how.
+disagree and how; so is one whose weights hold NaN or Inf (a diverged
+pre-training), with the number of such values.
 """
 
 import abc
@@ -28,6 +29,7 @@ import os
 import re
 from typing import Dict, Optional
 
+import numpy as np
 import tensorflow as tf
 
 from mtssl.backbones import resnet_v2 as resnet_lib
@@ -130,6 +132,33 @@ def _checkpoint_kind(path: str):
       f'{names[:3]}.')
 
 
+def refuse_nonfinite(checkpoint: str, weights) -> None:
+  """Raises TrunkLoadError if any of the (name, array) `weights` holds NaN or
+  Inf, with their count."""
+  total = size = 0
+  first = None
+  for name, value in weights:
+    bad = int(np.sum(~np.isfinite(value)))
+    if bad and first is None:
+      first = name
+    total += bad
+    size += int(np.size(value))
+  if total:
+    raise TrunkLoadError(
+        f'--init_checkpoint {checkpoint!r}: {total} of the trunk\'s {size} '
+        f'weight values are not finite (NaN or Inf, first in {first}): a '
+        f'diverged run, which cannot be evaluated.')
+
+
+def _slim_trunk_weights(path: str, trunk: resnet_lib.ResNetV2):
+  """The Slim checkpoint's tensors of the trunk's variables (any scope)."""
+  reader = tf.train.load_checkpoint(path)
+  wanted = {n.split('/', 1)[1] for n in trunk.slim_variables()}
+  for name in sorted(reader.get_variable_to_shape_map()):
+    if name.split('/', 1)[-1] in wanted:
+      yield name, reader.get_tensor(name)
+
+
 class CheckpointTrunkProvider(TrunkProvider):
   """A trunk from a checkpoint (object or Slim), or randomly initialised."""
 
@@ -141,6 +170,13 @@ class CheckpointTrunkProvider(TrunkProvider):
     trunk.build_for_input()
     if not spec.init_checkpoint:
       return trunk
+    self._restore(trunk)
+    refuse_nonfinite(spec.init_checkpoint,
+                     ((v.name, v.numpy()) for v in trunk.variables))
+    return trunk
+
+  def _restore(self, trunk):
+    spec = self.spec
     saved = saved_model_variables(spec.init_checkpoint, spec.name)
     if saved is not None:
       # The SavedModel's variables are keyed by their first object path, not
@@ -150,7 +186,7 @@ class CheckpointTrunkProvider(TrunkProvider):
         slim_checkpoint.restore_trunk(trunk, saved)
       except slim_checkpoint.SlimCheckpointError as e:
         raise TrunkLoadError(f'--init_checkpoint: {e}') from None
-      return trunk
+      return
     path = spec.init_checkpoint
     kind, num_units = _checkpoint_kind(path)
     # A deeper trunk's checkpoint holds every variable a shallower one of the
@@ -164,10 +200,11 @@ class CheckpointTrunkProvider(TrunkProvider):
       if kind == 'object':
         slim_checkpoint.restore_trunk(trunk, path)
       else:
+        # Counted here: the loader stops at the first non-finite variable.
+        refuse_nonfinite(path, _slim_trunk_weights(path, trunk))
         slim_checkpoint.load_slim_checkpoint(trunk, path)
     except slim_checkpoint.SlimCheckpointError as e:
       raise TrunkLoadError(f'--init_checkpoint: {e}') from None
-    return trunk
 
 
 def make_trunk_provider(spec: TrunkSpec) -> TrunkProvider:
