@@ -3,6 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
+from mtssl.configs import evaluation as evaluation_config
 from mtssl.data import synthetic
 from mtssl.evaluation import data as data_lib
 from mtssl.evaluation import depth
@@ -12,17 +13,17 @@ from mtssl.evaluation import trunks
 from tests import eval_fixtures
 
 
-def tiny_options(model_dir, **overrides):
+def tiny_config(model_dir, **overrides):
   options = dict(
       model_dir=model_dir, trunk='resnet_v2_tiny', output_stride=8,
       image_size=(48, 48), upproj_filters=(32, 16, 8), train_steps=10,
       batch_size=8, eval_batch_size=50, optimizer='rmsprop',
-      learning_rate=1e-3, train_batch_norm=False, head_batch_norm_decay=0.9,
+      learning_rate=1e-3, batch_norm='frozen', head_batch_norm_decay=0.9,
       min_depth=0.5,
       max_depth=synthetic.MAX_DEPTH, synthetic_train_examples=64,
       synthetic_eval_examples=50, log_every=50, checkpoint_every=1000)
   options.update(overrides)
-  return factory.EvaluationOptions(**options)
+  return evaluation_config.make_config('depth', **options)
 
 
 class UpProjectionTest(tf.test.TestCase):
@@ -93,10 +94,10 @@ class TfdsNyuFormatTest(tf.test.TestCase):
 class DepthEndToEndTest(tf.test.TestCase):
 
   def test_beats_a_constant_prediction(self):
-    options = tiny_options(self.get_temp_dir() + '/depth', train_steps=120,
-                           synthetic_train_examples=400,
-                           synthetic_eval_examples=100, log_every=50)
-    report = factory.make_evaluation('depth', options).run()
+    config = tiny_config(self.get_temp_dir() + '/depth', train_steps=120,
+                         synthetic_train_examples=400,
+                         synthetic_eval_examples=100, log_every=50)
+    report = factory.make_evaluation(config).run()
     metrics, chance = report['metrics'], report['chance']
     self.assertGreater(metrics['num_pixels'], 0)
     # Measured (tiny random-init trunk, 48x48, 120 steps, 100 held-out
@@ -112,10 +113,10 @@ class DepthEndToEndTest(tf.test.TestCase):
         f'{m["delta3"]:.2f} | {m["mae"]:.3f} | {m["rel"]:.3f} |')
 
   def test_lasso_and_output_stride_16_run(self):
-    options = tiny_options(self.get_temp_dir() + '/lasso', lasso_l1=1e-3,
-                           output_stride=16, train_steps=3,
-                           train_batch_norm=True, synthetic_eval_examples=8)
-    evaluation = factory.make_evaluation('depth', options)
+    config = tiny_config(self.get_temp_dir() + '/lasso', lasso_l1=1e-3,
+                         output_stride=16, train_steps=3,
+                         batch_norm='train', synthetic_eval_examples=8)
+    evaluation = factory.make_evaluation(config)
     report = evaluation.run()
     alpha = np.array(report['protocol_config']['lasso_alpha'])
     self.assertAllClose(np.sum(alpha**2), 1.0, atol=1e-5)
@@ -123,8 +124,8 @@ class DepthEndToEndTest(tf.test.TestCase):
     self.assertEqual(report['trunk']['output_stride'], 16)
 
   def test_dropped_non_finite_step_restores_batch_norm_statistics(self):
-    options = tiny_options(self.get_temp_dir() + '/nan', train_batch_norm=True)
-    evaluation = factory.make_evaluation('depth', options)
+    config = tiny_config(self.get_temp_dir() + '/nan', batch_norm='train')
+    evaluation = factory.make_evaluation(config)
     protocol = evaluation.make_protocol(
         trunks.make_trunk_provider(evaluation.trunk_spec).build())
     batch = next(iter(protocol.train_dataset(0, 0, 4)))

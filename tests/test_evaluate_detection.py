@@ -3,6 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
+from mtssl.configs import evaluation as evaluation_config
 from mtssl.evaluation import data as data_lib
 from mtssl.evaluation import detection
 from mtssl.evaluation import factory
@@ -10,21 +11,21 @@ from mtssl.evaluation import trunks
 from tests import eval_fixtures
 
 
-def tiny_options(model_dir, **overrides):
+def tiny_config(model_dir, **overrides):
   """Few classes, at most 3 objects, 96x96: a problem a CPU learns quickly."""
   options = dict(
       model_dir=model_dir, trunk='resnet_v2_tiny', output_stride=8,
-      image_size=(96, 96), short_side=96, scale_min=0.8, scale_max=1.2,
+      image_size=96, short_side=96, scale_min=0.8, scale_max=1.2,
       anchor_sizes=(16.0, 32.0, 64.0), rpn_filters=64, num_proposals=64,
       num_sampled_rois=32, crop_size=8, block4_base_depth=16,
       max_instances=8, max_detections=20, head_batch_norm_decay=0.9,
-      train_batch_norm=False,
+      batch_norm='frozen',
       train_steps=4, batch_size=4, eval_batch_size=20, optimizer='rmsprop',
       learning_rate=1e-3, synthetic_classes=3, synthetic_max_objects=3,
       synthetic_train_examples=500, synthetic_eval_examples=100,
       log_every=50, checkpoint_every=1000)
   options.update(overrides)
-  return factory.EvaluationOptions(**options)
+  return evaluation_config.make_config('detection', **options)
 
 
 class AnchorTest(tf.test.TestCase):
@@ -158,8 +159,8 @@ class Block4HeadTest(tf.test.TestCase):
 class DetectionEndToEndTest(tf.test.TestCase):
 
   def test_learns_far_above_chance(self):
-    options = tiny_options(self.get_temp_dir() + '/det', train_steps=200)
-    report = factory.make_evaluation('detection', options).run()
+    config = tiny_config(self.get_temp_dir() + '/det', train_steps=200)
+    report = factory.make_evaluation(config).run()
     metrics, chance = report['metrics'], report['chance']
     self.assertEqual(metrics['num_images'], 100)
     # Measured (tiny random-init trunk, 3 classes, 200 steps, 100 held-out
@@ -174,7 +175,7 @@ class DetectionEndToEndTest(tf.test.TestCase):
                      f'{metrics["mAP@75"]:.2f} |')
 
   def test_lasso_runs(self):
-    report = factory.make_evaluation('detection', tiny_options(
+    report = factory.make_evaluation(tiny_config(
         self.get_temp_dir() + '/lasso', lasso_l1=1e-3, train_steps=3,
         synthetic_eval_examples=8, eval_batch_size=8)).run()
     alpha = np.array(report['protocol_config']['lasso_alpha'])

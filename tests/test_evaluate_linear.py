@@ -7,6 +7,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from mtssl.configs import evaluation as evaluation_config
 from mtssl.evaluation import data as data_lib
 from mtssl.evaluation import factory
 from mtssl.evaluation import linear
@@ -15,26 +16,26 @@ from mtssl.evaluation import trunks
 from tests import eval_fixtures
 
 
-def tiny_options(model_dir, **overrides):
+def tiny_config(model_dir, **overrides):
   """A CPU-sized linear run on the built-in scenes."""
   options = dict(
       model_dir=model_dir, trunk='resnet_v2_tiny', output_stride=8,
-      image_size=(40, 40), resize_size=48, train_steps=10, batch_size=8,
+      image_size=40, resize_size=48, train_steps=10, batch_size=8,
       eval_batch_size=50, synthetic_train_examples=64,
       synthetic_eval_examples=50, log_every=5, checkpoint_every=1000)
   options.update(overrides)
-  return factory.EvaluationOptions(**options)
+  return evaluation_config.make_config('linear', **options)
 
 
 class LinearEndToEndTest(tf.test.TestCase):
 
   def test_learns_above_chance_and_writes_outputs(self):
     model_dir = self.get_temp_dir() + '/linear'
-    options = tiny_options(
-        model_dir, image_size=(56, 56), resize_size=64, train_steps=150,
+    config = tiny_config(
+        model_dir, image_size=56, resize_size=64, train_steps=150,
         batch_size=32, eval_batch_size=100, synthetic_train_examples=600,
         synthetic_eval_examples=300, log_every=50)
-    report = factory.make_evaluation('linear', options).run()
+    report = factory.make_evaluation(config).run()
     metrics = report['metrics']
     self.assertEqual(metrics['num_examples'], 300)
     self.assertEqual(report['chance'], {'top1': 10.0, 'top5': 50.0})
@@ -58,11 +59,11 @@ class LinearEndToEndTest(tf.test.TestCase):
   def test_resumed_run_continues_the_same_stream(self):
     base = self.get_temp_dir()
     whole = factory.make_evaluation(
-        'linear', tiny_options(base + '/whole', train_steps=6)).run()
+        tiny_config(base + '/whole', train_steps=6)).run()
     factory.make_evaluation(
-        'linear', tiny_options(base + '/parts', train_steps=3)).run()
+        tiny_config(base + '/parts', train_steps=3)).run()
     resumed = factory.make_evaluation(
-        'linear', tiny_options(base + '/parts', train_steps=6)).run()
+        tiny_config(base + '/parts', train_steps=6)).run()
     self.assertEqual(resumed['steps'], 6)
 
     def head_weights(model_dir):
@@ -80,11 +81,11 @@ class LinearEndToEndTest(tf.test.TestCase):
     # The same directory for a different model is refused, not half-loaded.
     with self.assertRaisesRegex(runner.EvaluationError,
                                 r'holds checkpoint .*ckpt-6 of another run'):
-      factory.make_evaluation('linear', tiny_options(
+      factory.make_evaluation(tiny_config(
           base + '/parts', train_steps=8, lasso_l1=0.0)).run()
 
   def test_lasso_learns_unit_weights(self):
-    report = factory.make_evaluation('linear', tiny_options(
+    report = factory.make_evaluation(tiny_config(
         self.get_temp_dir() + '/lasso', lasso_l1=1e-3,
         learning_rate=0.05)).run()
     alpha = np.array(report['protocol_config']['lasso_alpha'])
@@ -121,22 +122,22 @@ class LinearBadInputTest(tf.test.TestCase):
   def test_tfds_split_missing_or_label_outside_range(self):
     data_dir = eval_fixtures.prepare_tiny_tfds(self.get_temp_dir() + '/tfds')
     spec = f'tfds:{eval_fixtures.TINY_TFDS_NAME}'
-    options = tiny_options(self.get_temp_dir() + '/t', data=spec,
-                           tfds_data_dir=data_dir, train_steps=2,
-                           batch_size=4)
-    options.eval_data = spec + ':validation'
+    config = tiny_config(self.get_temp_dir() + '/t', data=spec,
+                         tfds_data_dir=data_dir, train_steps=2,
+                         batch_size=4)
+    config.inputs.eval_data = spec + ':validation'
     with self.assertRaisesRegex(
         data_lib.DataSourceError,
         r"has no split 'validation'; it has \['test', 'train'\]"):
-      factory.make_evaluation('linear', options)
-    options.num_classes = 2
-    options.eval_data = None
+      factory.make_evaluation(config)
+    config.protocol_config.num_classes = 2
+    config.inputs.eval_data = None
     with self.assertRaisesRegex(data_lib.DataSourceError,
                                 r'has 3 classes but --num_classes is 2'):
-      factory.make_evaluation('linear', options)
+      factory.make_evaluation(config)
     # The default evaluation split ('test') holds a label -1.
-    options.num_classes = None
-    evaluation = factory.make_evaluation('linear', options)
+    config.protocol_config.num_classes = None
+    evaluation = factory.make_evaluation(config)
     self.assertEqual(evaluation.eval_source.name,
                      f'tfds:{eval_fixtures.TINY_TFDS_NAME}:test')
     with self.assertRaisesRegex(runner.EvaluationError,
@@ -171,11 +172,11 @@ class LinearBadInputTest(tf.test.TestCase):
     os.makedirs(root + '/cat')
     os.makedirs(root + '/dog')
     with self.assertRaisesRegex(ValueError, 'give --eval_data'):
-      factory.make_evaluation('linear', tiny_options(
+      factory.make_evaluation(tiny_config(
           self.get_temp_dir(), data='folder:' + root))
     with self.assertRaisesRegex(data_lib.DataSourceError,
                                 r'class folder\(s\) cat, dog contain no image'):
-      factory.make_evaluation('linear', tiny_options(
+      factory.make_evaluation(tiny_config(
           self.get_temp_dir(), data='folder:' + root,
           eval_data='folder:' + root))
 

@@ -41,7 +41,7 @@ The network:
   Kinect resolution); depth resized with nearest neighbour (invalid zeros
   stay zeros) to the same size; random horizontal flip of both and the
   Inception color distortion of the image. All weights train; the trunk's
-  batch norm runs in training mode (`train_batch_norm`) as in Laina et al.;
+  batch norm runs in training mode (`batch_norm`) as in Laina et al.;
   the decoder's batch norms always train, their moving averages with decay
   `head_batch_norm_decay` (0.99). Evaluation: the prediction is resized to the ground truth's own
   resolution (NYU: 480x640); no crop (the paper names none).
@@ -57,33 +57,60 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from mtssl.configs import base
+from mtssl.configs import evaluation as evaluation_config
 from mtssl.models import lasso as lasso_lib
 from mtssl.ops import preprocessing
 from mtssl.backbones import resnet_v2 as resnet_lib
 from mtssl.evaluation import augment
 from mtssl.evaluation import data as data_lib
 from mtssl.evaluation import metrics as metrics_lib
+from mtssl.evaluation import registry
 from mtssl.evaluation import runner
+
+
+BATCH_NORM = ('train', 'frozen')
 
 
 @dataclasses.dataclass
 class DepthConfig:
-  image_size: Tuple[int, int] = (240, 320)
-  upproj_filters: Tuple[int, ...] = (512, 256, 128)
-  lasso_l1: Optional[float] = None
-  train_batch_norm: bool = True
-  # Moving-average decay of the decoder's batch norms (TensorFlow's default;
-  # the trunk keeps Slim's 0.997). Short runs need a faster average.
-  head_batch_norm_decay: float = 0.99
-  weight_decay: float = 1e-4
-  min_depth: float = 1e-3
-  max_depth: float = 10.0
-  flip: bool = True
-  color_augment: bool = True
-  berhu_fraction: float = 0.2
-  baseline_examples: int = 64
+  """Settings of the depth protocol (flags --<field>)."""
+  image_size: Tuple[int, int] = base.field(
+      (240, 320), 'training input size S or H,W')
+  upproj_filters: Tuple[int, ...] = base.field(
+      (512, 256, 128), 'filters of the up-projection blocks')
+  lasso_l1: Optional[float] = base.field(
+      None, 'feed the decoder a lasso combination of all block-3 units with '
+      'this L1 weight; None: the block-3 output')
+  batch_norm: str = base.field('train', 'batch norm of the fine-tuned trunk',
+                               choices=BATCH_NORM)
+  # TensorFlow's default; the trunk keeps Slim's 0.997. Short runs need a
+  # faster average.
+  head_batch_norm_decay: float = base.field(
+      0.99, 'moving-average decay of the decoder\'s batch norms')
+  weight_decay: float = base.field(1e-4, 'L2 weight decay (Slim form) of the '
+                                   'trunk and the decoder')
+  min_depth: float = base.field(1e-3, 'lower clip of predictions (m)')
+  max_depth: float = base.field(10.0, 'upper clip of predictions (m)')
+  flip: bool = base.field(True, 'random horizontal flip in training')
+  color_augment: bool = base.field(True, 'color distortion in training')
+  berhu_fraction: float = base.field(
+      0.2, 'berHu threshold as a fraction of the batch\'s largest residual')
+  baseline_examples: int = base.field(
+      64, 'training examples whose median depth is the chance-level '
+      'constant prediction')
+
+  def __post_init__(self):
+    self.image_size = evaluation_config.square(self.image_size, 'image_size')
+
+  @property
+  def train_batch_norm(self) -> bool:
+    return self.batch_norm == 'train'
 
   def validate(self):
+    if self.batch_norm not in BATCH_NORM:
+      raise ValueError(f'batch_norm must be one of {BATCH_NORM}, got '
+                       f'{self.batch_norm!r}.')
     if len(self.image_size) != 2 or min(self.image_size) < 16:
       raise ValueError(f'image_size must be (height, width) >= 16, got '
                        f'{self.image_size}.')
@@ -224,14 +251,22 @@ def resize_depth_nearest(depth, size):
   return tf.image.resize(depth[..., None], size, method='nearest')[..., 0]
 
 
+@registry.register_protocol('depth')
 class DepthProtocol(runner.Protocol):
   """Fine-tuned trunk + up-projection decoder (section 5, NYUv2 depth)."""
 
-  name = 'depth'
+  config_class = DepthConfig
   data_kind = 'depth'
+  # Our choice (BUILD.md): RMSProp 1e-4, batch 16, 80k steps.
+  run_defaults = dict(train_steps=80000, batch_size=16, eval_batch_size=8,
+                      optimizer='rmsprop', learning_rate=1e-4)
+  trunk_defaults = dict(output_stride=16)
   paper_columns = ('Tables 5-8: Pct. < 1.25 / 1.25^2 / 1.25^3, Mean Absolute '
                    'Error, Mean Relative Error; Tables 1-4: NYU (Pct. < 1.25)')
   headline = 'delta1'
+  table_header = ('| Pre-training | Pct. < 1.25 | Pct. < 1.25^2 | '
+                  'Pct. < 1.25^3 | Mean Absolute Error | Mean Relative '
+                  'Error |')
   head = None  # built by build()
 
   # Data -------------------------------------------------------------------

@@ -54,18 +54,18 @@ components; only the parts the paper fixes are ours:
 Choices and deviations, all documented in BUILD.md:
 
 * Batch norm is frozen (inference mode, trainable scale and offset) in the
-  trunk and block 4 by default (`train_batch_norm`), as the TF object
+  trunk and block 4 by default (`batch_norm`), as the TF object
   detection API's Faster R-CNN runs its ResNet (whose `block4` is then, when
   randomly initialised, an identity at the initial statistics). Measured on
   the tiny CPU problem, block 4 with batch norm trained over the ROIs reached
   mAP@0.5 12.4 / 10.4 / 6.3 (seeds 0-2) against 20.4 / 26.2 / 11.9 frozen:
   the sampled training ROIs (25% foreground) and the test-time proposals
   differ in their statistics. Model Garden's RPN head keeps its own batch
-  norm in training mode. With `train_batch_norm` a randomly initialised
+  norm in training mode. With `batch_norm=train` a randomly initialised
   block 4 averages its statistics with the new heads' decay
-  `head_batch_norm_decay`, a loaded one with Slim's 0.997. The command
-  line's default (mtssl.evaluation.factory) trains batch norm when the trunk
-  is randomly initialised: a random trunk has no statistics to freeze, and
+  `head_batch_norm_decay`, a loaded one with Slim's 0.997. The default
+  (None, resolved by mtssl.evaluation.factory) trains batch norm when the
+  trunk is randomly initialised: a random trunk has no statistics to freeze, and
   at its initial ones a random ResNet-101's raw activations make the first
   losses ~1.5e6 (measured: still 1e2-1e4 after 15 steps, 256x256 canvas),
   against 9.3 falling to 8.2 with batch norm trained.
@@ -111,6 +111,7 @@ from official.vision.modeling.layers import roi_sampler
 from official.vision.ops import anchor as anchor_lib
 from official.vision.ops import preprocess_ops
 
+from mtssl.configs import base
 from mtssl.models import lasso as lasso_lib
 from mtssl.ops import preprocessing
 from mtssl.backbones import resnet_v2 as resnet_lib
@@ -118,6 +119,7 @@ from mtssl.backbones import slim_checkpoint
 from mtssl.evaluation import augment
 from mtssl.evaluation import data as data_lib
 from mtssl.evaluation import metrics as metrics_lib
+from mtssl.evaluation import registry
 from mtssl.evaluation import runner
 
 # Box-delta weights of the second stage (Model Garden's first cascade level,
@@ -125,39 +127,71 @@ from mtssl.evaluation import runner
 REGRESSION_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
 
+BATCH_NORM = ('train', 'frozen')
+
+
 @dataclasses.dataclass
 class DetectionConfig:
-  num_classes: Optional[int] = None  # None: the training dataset's
-  image_size: int = 1024             # square canvas, multiple of the stride
-  short_side: int = 600
-  scale_min: float = 0.8
-  scale_max: float = 1.44
-  flip: bool = True
-  max_instances: int = 100
-  anchor_sizes: Tuple[float, ...] = (64.0, 128.0, 256.0, 512.0)
-  aspect_ratios: Tuple[float, ...] = (0.5, 1.0, 2.0)
-  rpn_filters: int = 512
-  rpn_batch_size_per_im: int = 256
-  rpn_fg_fraction: float = 0.5
-  rpn_match_threshold: float = 0.7
-  rpn_unmatched_threshold: float = 0.3
-  pre_nms_top_k: int = 6000
-  num_proposals: int = 300
-  num_sampled_rois: int = 64
-  foreground_fraction: float = 0.25
-  crop_size: int = 14
-  block4_units: int = 3
-  block4_base_depth: Optional[int] = None  # None: 2 x block 3's
-  block4_checkpoint: Optional[str] = None
-  detection_nms_iou: float = 0.6
-  max_detections: int = 100
-  lasso_l1: Optional[float] = None
-  train_batch_norm: bool = False
-  head_batch_norm_decay: float = 0.99  # the RPN head's (Model Garden default)
-  weight_decay: float = 1e-4
+  """Settings of the detection protocol (flags --<field>)."""
+  num_classes: Optional[int] = base.field(
+      None, 'object classes (None: the training data\'s)')
+  image_size: int = base.field(1024, 'side of the square input canvas (a '
+                               'multiple of the output stride)')
+  short_side: int = base.field(600, 'shorter side of the resized image')
+  scale_min: float = base.field(0.8, 'multi-scale training: lowest factor')
+  scale_max: float = base.field(1.44, 'multi-scale training: highest factor')
+  flip: bool = base.field(True, 'random horizontal flip in training')
+  max_instances: int = base.field(100, 'boxes per training image at most')
+  anchor_sizes: Tuple[float, ...] = base.field(
+      (64.0, 128.0, 256.0, 512.0), 'anchor sizes in pixels')
+  aspect_ratios: Tuple[float, ...] = base.field(
+      (0.5, 1.0, 2.0), 'anchor aspect ratios (width / height)')
+  rpn_filters: int = base.field(512, 'filters of the RPN convolution')
+  rpn_batch_size_per_im: int = base.field(256, 'anchors sampled per image '
+                                          'for the RPN loss')
+  rpn_fg_fraction: float = base.field(0.5, 'positive fraction of the RPN\'s '
+                                      'sampled anchors at most')
+  rpn_match_threshold: float = base.field(0.7, 'IoU from which an anchor is '
+                                          'positive')
+  rpn_unmatched_threshold: float = base.field(0.3, 'IoU below which an anchor '
+                                              'is negative')
+  pre_nms_top_k: int = base.field(6000, 'proposals before NMS')
+  num_proposals: int = base.field(300, 'proposals kept after NMS')
+  num_sampled_rois: int = base.field(64, 'ROIs sampled per training image')
+  foreground_fraction: float = base.field(0.25, 'foreground fraction of the '
+                                          'sampled ROIs')
+  crop_size: int = base.field(14, 'ROIAlign output size (even; max-pooled '
+                              'by 2)')
+  block4_units: int = base.field(3, 'bottleneck units of the block-4 box head')
+  block4_base_depth: Optional[int] = base.field(
+      None, 'block-4 base depth (None: twice block 3\'s)')
+  block4_checkpoint: Optional[str] = base.field(
+      None, 'TF-Slim ResNet-v2 checkpoint to initialise block 4 from')
+  detection_nms_iou: float = base.field(0.6, 'IoU of the per-class NMS of '
+                                        'the detections')
+  max_detections: int = base.field(100, 'detections per image')
+  lasso_l1: Optional[float] = base.field(
+      None, 'feed the detector a lasso combination of all block-3 units with '
+      'this L1 weight; None: the block-3 output')
+  batch_norm: Optional[str] = base.field(
+      None, 'batch norm of the trunk and block 4 (None: frozen for a '
+      'pre-trained trunk, train for a random one)', choices=BATCH_NORM)
+  head_batch_norm_decay: float = base.field(
+      0.99, 'moving-average decay of the new heads\' batch norms (the RPN '
+      'head\'s is Model Garden\'s default)')
+  weight_decay: float = base.field(1e-4, 'L2 weight decay (Slim form) of '
+                                   'every trained layer')
+
+  @property
+  def train_batch_norm(self) -> bool:
+    # None is resolved by mtssl.evaluation.factory; built directly: frozen.
+    return self.batch_norm == 'train'
 
   def validate(self):
     problems = []
+    if self.batch_norm not in BATCH_NORM + (None,):
+      problems.append(f'batch_norm must be one of {BATCH_NORM}, got '
+                      f'{self.batch_norm!r}')
     if self.image_size < 32:
       problems.append(f'image_size must be >= 32, got {self.image_size}')
     if not 0 < self.scale_min <= self.scale_max:
@@ -341,14 +375,21 @@ def build_detector(trunk: resnet_lib.ResNetV2, num_classes: int,
 # ---------------------------------------------------------------------------
 
 
+@registry.register_protocol('detection')
 class DetectionProtocol(runner.Protocol):
   """Faster R-CNN fine-tuning, VOC07 mAP (section 5, PASCAL VOC 2007)."""
 
-  name = 'detection'
+  config_class = DetectionConfig
   data_kind = 'detection'
+  # Our choice (BUILD.md): RMSProp 1e-4, batch 2, 100k steps, / 10 after 80k.
+  run_defaults = dict(train_steps=100000, batch_size=2, eval_batch_size=4,
+                      optimizer='rmsprop', learning_rate=1e-4,
+                      lr_decay_steps=80000, lr_decay_rate=0.1)
+  trunk_defaults = dict(output_stride=16)
   paper_columns = ('Tables 1-4: PASCAL (mAP at IoU 0.5); section 6.2: mAP at '
                    'IoU 0.75')
   headline = 'mAP@50'
+  table_header = '| Pre-training | PASCAL mAP@0.5 | PASCAL mAP@0.75 |'
   # Built by build().
   model = None
   labeler = None

@@ -49,6 +49,7 @@ from typing import Optional
 import tensorflow as tf
 import tf_keras
 
+from mtssl.configs import base
 from mtssl.models import lasso as lasso_lib
 from mtssl.ops import preprocessing
 from mtssl.ops import pooling
@@ -56,19 +57,27 @@ from mtssl.backbones import resnet_v2 as resnet_lib
 from mtssl.evaluation import augment
 from mtssl.evaluation import data as data_lib
 from mtssl.evaluation import metrics as metrics_lib
+from mtssl.evaluation import registry
 from mtssl.evaluation import runner
 
 
 @dataclasses.dataclass
 class LinearConfig:
-  num_classes: Optional[int] = None  # None: the training dataset's
-  image_size: int = 224
-  resize_size: int = 256
-  pool_size: int = 3
-  lasso_l1: Optional[float] = None   # None: block-3 output, else lasso
-  weight_decay: float = 0.0
-  color_augment: bool = True
-  feature_norm: bool = True
+  """Settings of the linear protocol (flags --<field>)."""
+  num_classes: Optional[int] = base.field(
+      None, 'classes (None: the training data\'s)')
+  image_size: int = base.field(224, 'side of the square crop')
+  resize_size: int = base.field(256, 'shorter side before the crop')
+  pool_size: int = base.field(3, 'adaptive max pool to this many bins a side')
+  lasso_l1: Optional[float] = base.field(
+      None, 'feed the classifier a lasso combination of all block-3 units '
+      'with this L1 weight (the paper\'s "eval only lasso"); None: the '
+      'block-3 output')
+  weight_decay: float = base.field(0.0, 'L2 weight decay (Slim form) of the '
+                                   'classifier')
+  color_augment: bool = base.field(True, 'color distortion of training crops')
+  feature_norm: bool = base.field(True, 'standardize the pooled features '
+                                  '(batch norm without scale or offset)')
 
   def validate(self):
     if self.image_size < 16:
@@ -117,15 +126,27 @@ class LinearHead(tf_keras.Model):
     return self.classifier(flat)
 
 
+@registry.register_protocol('linear')
 class LinearProtocol(runner.Protocol):
   """Frozen trunk + linear softmax classifier (section 5, ImageNet frozen)."""
 
-  name = 'linear'
+  config_class = LinearConfig
   data_kind = 'classification'
+  # The paper gives none (BUILD.md): 30 epochs of batch 256, learning rate
+  # 0.01 divided by 10 every 10 epochs.
+  run_defaults = dict(train_steps=150000, batch_size=256, eval_batch_size=250,
+                      optimizer='momentum', learning_rate=0.01,
+                      lr_decay_steps=50000, lr_decay_rate=0.1)
+  trunk_defaults = dict(output_stride=8)
   paper_columns = ('Table 1: ImageNet top1 / top5 (Ours); Tables 2-4: '
                    'ImageNet (top-5)')
   headline = 'top5'
+  table_header = '| Pre-training | ImageNet top1 | ImageNet top5 |'
   head = None  # built by build()
+
+  @classmethod
+  def synthetic_size(cls, config):
+    return (config.resize_size, config.resize_size)
 
   # Data -------------------------------------------------------------------
   def validate(self):

@@ -33,13 +33,14 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from mtssl.configs import evaluation as evaluation_config
 from mtssl.utils import io_utils
 from mtssl.training import optimizers as optimizers_lib
 from mtssl.evaluation import data as data_lib
@@ -50,50 +51,9 @@ class EvaluationError(ValueError):
   """Bad input met by an evaluation run; the message names the problem."""
 
 
-OPTIMIZERS = ('momentum', 'rmsprop', 'adam')
-
-
-@dataclasses.dataclass
-class RunConfig:
-  """What every protocol's run shares."""
-  model_dir: str = ''
-  train_steps: int = 1000
-  batch_size: int = 32
-  eval_batch_size: int = 32
-  optimizer: str = 'momentum'
-  learning_rate: float = 0.01
-  momentum: float = 0.9
-  # Staircase exponential decay: lr * rate ** (step // decay_steps); 0 = none.
-  lr_decay_steps: int = 0
-  lr_decay_rate: float = 0.1
-  seed: int = 0
-  log_every: int = 100
-  eval_every: int = 0         # 0: evaluate at the end only
-  checkpoint_every: int = 1000
-  max_nonfinite: int = 20
-  label: str = ''
-
-  def validate(self):
-    problems = []
-    if not self.model_dir:
-      problems.append('model_dir is required')
-    for name in ('train_steps', 'batch_size', 'eval_batch_size', 'log_every',
-                 'checkpoint_every', 'max_nonfinite'):
-      if getattr(self, name) <= 0:
-        problems.append(f'{name} must be positive, got {getattr(self, name)}')
-    for name in ('eval_every', 'lr_decay_steps'):
-      if getattr(self, name) < 0:
-        problems.append(f'{name} must be >= 0, got {getattr(self, name)}')
-    if self.optimizer not in OPTIMIZERS:
-      problems.append(f'optimizer must be one of {OPTIMIZERS}, got '
-                      f'{self.optimizer!r}')
-    if not self.learning_rate > 0:
-      problems.append(f'learning_rate must be positive, got '
-                      f'{self.learning_rate}')
-    if not 0 <= self.seed < 2**31:
-      problems.append(f'seed must be in [0, 2**31), got {self.seed}')
-    if problems:
-      raise ValueError('; '.join(problems) + '.')
+# The settings every protocol's run shares (flags --train_steps, ...).
+RunConfig = evaluation_config.RunConfig
+OPTIMIZERS = evaluation_config.OPTIMIZERS
 
 
 def learning_rate_schedule(config: RunConfig):
@@ -120,13 +80,20 @@ class Protocol(abc.ABC):
   training source, evaluation source) and add their model and metrics.
   """
 
-  name: str = ''
+  name: str = ''  # set by registry.register_protocol
+  # The protocol's settings dataclass (fields with help: they become flags).
+  config_class: type = None
   # The kind of labeled data it needs (mtssl.evaluation.data.KINDS).
   data_kind: str = ''
+  # Paper-scale values of RunConfig / TrunkConfig fields for this protocol.
+  run_defaults: Dict[str, Any] = {}
+  trunk_defaults: Dict[str, Any] = {}
   # The paper's table columns this protocol fills, for the report.
   paper_columns: str = ''
   # Key of the headline metric in the metrics dict.
   headline: str = ''
+  # The header of the paper's table that table_row() fills.
+  table_header: str = ''
 
   def __init__(self, config, trunk, train_source: data_lib.LabeledSource,
                eval_source: data_lib.LabeledSource):
@@ -134,6 +101,12 @@ class Protocol(abc.ABC):
     self.trunk = trunk
     self.train_source = train_source
     self.eval_source = eval_source
+
+  @classmethod
+  def synthetic_size(cls, config) -> Tuple[int, int]:
+    """Size of the built-in scenes the protocol's inputs are made from."""
+    size = config.image_size
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
   @property
   def sources(self):
@@ -396,7 +369,7 @@ def run(protocol: Protocol, config: RunConfig,
 
   metrics = evaluate(protocol, config.eval_batch_size, predict_fn)
   chance = protocol.chance()
-  label = config.label or 'Random init'
+  label = config.name or 'Random init'
   row = protocol.table_row(label, metrics)
   with eval_writer.as_default(step=step):
     for k, v in _scalar_metrics(metrics):
