@@ -8,10 +8,12 @@ import re
 
 import numpy as np
 import tensorflow as tf
+from absl import flags
 
 from mtssl import evaluate as evaluate_cli
 from mtssl.backbones import resnet_v2 as resnet_lib
 from mtssl.backbones import slim_checkpoint
+from mtssl.configs import evaluation as evaluation_config
 from mtssl.evaluation import factory
 from mtssl.evaluation import metrics
 from mtssl.evaluation import runner
@@ -130,14 +132,13 @@ class DivergedTrunkTest(tf.test.TestCase):
     for protocol in ('linear', 'depth', 'detection'):
       model_dir = os.path.join(self.get_temp_dir(), protocol)
       stderr = io.StringIO()
-      try:
-        evaluate_cli.FLAGS([
-            'evaluate', f'--model_dir={model_dir}', f'--trunk={TRUNK}',
-            f'--init_checkpoint={self.checkpoint}', '--train_steps=1'])
-        with contextlib.redirect_stderr(stderr):
-          status = evaluate_cli.main(['evaluate', protocol])
-      finally:
-        evaluate_cli.FLAGS.unparse_flags()
+      flag_values = flags.FlagValues()
+      evaluate_cli.parse_flags([
+          'evaluate', protocol, f'--model_dir={model_dir}', f'--trunk={TRUNK}',
+          f'--init_checkpoint={self.checkpoint}', '--train_steps=1'],
+                               flag_values)
+      with contextlib.redirect_stderr(stderr):
+        status = evaluate_cli.main(['evaluate', protocol], flag_values)
       self.assertEqual(status, 2, protocol)
       self.assertEqual(stderr.getvalue().splitlines(),
                        ['error: ' + self.expected_message(self.checkpoint)])
@@ -147,10 +148,10 @@ class DivergedTrunkTest(tf.test.TestCase):
   def test_linear_metrics_of_a_diverged_trunk_are_zero(self):
     # Past the refusal (the trunk handed over directly), the linear head sees
     # NaN features and NaN logits: every example is wrong, none is 100%.
-    evaluation = factory.make_evaluation('linear', factory.EvaluationOptions(
-        model_dir=self.get_temp_dir() + '/linear_direct', trunk=TRUNK,
-        output_stride=8, image_size=(32, 32), resize_size=32, batch_size=4,
-        eval_batch_size=20, synthetic_train_examples=8,
+    evaluation = factory.make_evaluation(evaluation_config.make_config(
+        'linear', model_dir=self.get_temp_dir() + '/linear_direct',
+        trunk=TRUNK, output_stride=8, image_size=32, resize_size=32,
+        batch_size=4, eval_batch_size=20, synthetic_train_examples=8,
         synthetic_eval_examples=20))
     protocol = evaluation.make_protocol(self.trunk)
     protocol.validate()
