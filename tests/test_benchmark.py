@@ -189,6 +189,7 @@ class CommandLineTest(tf.test.TestCase):
         (['--pipeline_image_size=375', '--what=pipelines'],
          '--pipeline_image_size must be two'),
         (['--trunk=resnet_v9'], "unknown trunk 'resnet_v9'"),
+        (['--tasks=col,bogus'], "--tasks: unknown task 'bogus'"),
     ):
       with self.subTest(argv=argv):
         status, err = _run_main(['--config=cpu', '--tasks=col', *argv])

@@ -103,6 +103,15 @@ class ModelChoice:
                         '{task: {field: value}}.')
     return value
 
+  def validate(self):
+    if self.tasks is not None:
+      known = tasks_lib.task_names()
+      _check_choices(self.tasks, known, 'tasks', 'task')
+      if len(set(self.tasks)) != len(self.tasks):
+        raise ConfigError(f'--tasks lists a task twice: '
+                          f'{",".join(self.tasks)}.')
+    self.overrides()
+
   def task_names(self) -> List[str]:
     """The tasks run: --tasks or the preset's."""
     tasks = list(self.tasks) if self.tasks else None
@@ -209,6 +218,7 @@ class BenchmarkConfig:
 
   def validate(self):
     parts = self.parts()
+    self.model.validate()
     if 'steps' in parts:
       self.step.validate()
     if 'pipelines' in parts:
