@@ -85,6 +85,33 @@ class StepBenchmarkTest(tf.test.TestCase):
     accounting.utilization(row, 989.4)
     self.assertAllClose(row['mfu'], 0.35, atol=1e-4)
 
+  def test_peak_table(self):
+    # First match wins: the H100 PCIe before the SXM H100; the H200 is known.
+    self.assertEqual(environment.peak_tflops('NVIDIA H100 PCIe', 'bf16'), 756.0)
+    self.assertEqual(environment.peak_tflops('NVIDIA H200', 'bf16'), 989.4)
+    self.assertEqual(environment.peak_tflops('NVIDIA H200', 'fp32', tf32=True),
+                     494.7)
+    self.assertEqual(environment.peak_tflops('NVIDIA H200', 'fp32', tf32=False),
+                     66.9)
+    self.assertIsNone(environment.peak_tflops('CPU: AMD EPYC', 'bf16'))
+
+  def test_step_table_rows_match_its_header(self):
+    base = {'kind': 'step', 'trunk': 't', 'precision': 'bf16', 'xla': True,
+            'native_atrous': False}
+    done = dict(base, task='col', batch_size=2, step_s=0.5, step_s_min=0.4,
+                examples_per_s=4.0, forward_gmacs=64.42,
+                paper_model={'forward_gmacs': 64.45},
+                train_gflop_per_example=386.5, achieved_tflops=1.5, mfu=0.2,
+                peak_memory_mib=None, compile_s=3.0)
+    failed = dict(base, task='rp', error='OOM')
+    text = report_lib.markdown({'environment': environment.environment(),
+                                'command': 'test', 'results': [done, failed]})
+    table = [l for l in text.splitlines() if l.startswith('|')]
+    self.assertLen(table, 4)
+    self.assertEqual({l.count('|') for l in table}, {table[0].count('|')})
+    self.assertIn('| 64.42 [64.45] |', table[2])
+    self.assertIn('| 20.0% | - |', table[2])
+
   def test_bad_settings_name_the_problem(self):
     with self.assertRaisesRegex(settings_lib.BenchmarkError, 'unknown trunk'):
       settings_lib.settings_from_preset('cpu', ['col'], trunk='resnet_v9')
