@@ -3,299 +3,81 @@ r"""Exports a trained trunk as a TF Serving feature extractor (SavedModel).
   python -m mtssl.export --checkpoint=/runs/mt/ckpt --trunk=resnet_v2_101 \
       --output_stride=8 --export_base=/models --model_name=mtssl
 
-writes `<export_base>/<model_name>/<version>/` in TF Serving's layout:
-`saved_model.pb`, `variables/`, `assets.extra/tf_serving_warmup_requests`
-(PredictionLog records TF Serving replays at load time) and
-`assets.extra/mtssl_export.json` (trunk, stride, serving size, signatures
-with output shapes, the checkpoint it came from). Signatures and outputs are
-described in `mtssl.deploy.serving`.
-
-Choices:
-
-* The checkpoint is anything `restore_trunk` reads: a trainer checkpoint or a
-  converted Slim one (`backbone` key), a prefix or a directory (latest).
-  Variables do not depend on the output stride, so a trunk trained at stride
-  8 exports at stride 16 for detection.
-* `--version` defaults to one more than the largest numeric version present
-  (1 for a new model). An existing version is refused unless `--overwrite`.
-  The version directory is written under a hidden temporary name in the model
-  directory and renamed into place when complete (`io_utils.atomic_directory`),
-  so TF Serving, which only loads numeric names, never sees a partial version.
-  Overwriting swaps the new directory in by two renames; a server polling at
-  that instant can miss the version once.
-* Warmup: three requests made of the project's synthetic scenes (so the file
-  holds real encoded images without shipping data): `serving_default` with
-  one JPEG at the serving size, `serving_default` with a PNG at half and a
-  JPEG at 1.5 times the serving size (the resize path), and `from_pixels`
-  with one image at the serving size.
-* Flags are validated before anything is built; a bad flag, a missing or
-  mismatched checkpoint or an existing version ends the run with a one-line
-  `error: ...` and exit status 2, and nothing is written.
+writes `<export_base>/<model_name>/<version>/` in TF Serving's layout
+(mtssl.deploy.saved_model). Flags are generated from
+mtssl.configs.export.ExportConfig and validated before anything is built; a
+bad flag, a missing or mismatched checkpoint or an existing version ends the
+run with a one-line `error: ...` and exit status 2, and nothing is written.
 """
 
 import dataclasses
-import os
-import re
 import sys
-from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
-import tensorflow as tf
+from absl import app
+from absl import flags
 
-import mtssl
-from mtssl.utils import io_utils
-from mtssl.deploy import serving
-from mtssl.backbones import resnet_v2
-from mtssl.backbones import slim_checkpoint
-from mtssl.data import synthetic
+from mtssl.configs import base as config_base
+from mtssl.configs import export as configs
+from mtssl.deploy import saved_model
 
-WARMUP_FILE = 'tf_serving_warmup_requests'
-METADATA_FILE = 'mtssl_export.json'
-ASSETS_EXTRA = 'assets.extra'
-WARMUP_SEED = 20170  # Synthetic scenes used as warmup images.
-_MODEL_NAME_RE = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]*$')
-
-
-class ExportError(ValueError):
-  """An export request that cannot be carried out; the message says why."""
-
-
-@dataclasses.dataclass
-class ExportResult:
-  path: str
-  version: int
-  metadata: dict
-
-
-def parse_image_size(text: str) -> Tuple[int, int]:
-  """'256' -> (256, 256); '240,320' -> (240, 320)."""
-  parts = [p.strip() for p in str(text).replace('x', ',').split(',')]
-  try:
-    sizes = [int(p) for p in parts]
-  except ValueError:
-    sizes = []
-  if len(sizes) == 1:
-    sizes = sizes * 2
-  if len(sizes) != 2 or min(sizes) < 1:
-    raise ExportError(f'--image_size must be SIZE or HEIGHT,WIDTH with '
-                      f'positive integers, got {text!r}.')
-  return sizes[0], sizes[1]
-
-
-def check_model_name(name: str) -> str:
-  if not name or not _MODEL_NAME_RE.match(name):
-    raise ExportError(f'Model name {name!r} must be letters, digits, "_", "." '
-                      f'or "-" (it is a directory name and a TF Serving '
-                      f'model name).')
-  return name
-
-
-def existing_versions(model_dir: str) -> List[int]:
-  """Numeric version directories of a TF Serving model directory."""
-  if not os.path.isdir(model_dir):
-    return []
-  return sorted(int(n) for n in os.listdir(model_dir)
-                if n.isdigit() and os.path.isdir(os.path.join(model_dir, n)))
-
-
-def next_version(model_dir: str) -> int:
-  versions = existing_versions(model_dir)
-  return versions[-1] + 1 if versions else 1
-
-
-def version_directory(export_base: str, model_name: str,
-                      version: Optional[int] = None,
-                      overwrite: bool = False) -> Tuple[int, str]:
-  """(version, its directory); ExportError if invalid or existing."""
-  if not export_base:
-    raise ExportError('--export_base is required.')
-  model_dir = os.path.join(export_base, check_model_name(model_name))
-  if version is None:
-    version = next_version(model_dir)
-  if int(version) < 1:
-    raise ExportError(f'--version must be a positive integer, got {version}.')
-  version_dir = os.path.join(model_dir, str(int(version)))
-  if os.path.exists(version_dir) and not overwrite:
-    raise ExportError(f'{version_dir} already exists; pass --overwrite to '
-                      f'replace it or choose another --version.')
-  return int(version), version_dir
-
-
-def resolve_checkpoint(path: str) -> str:
-  """A checkpoint prefix from a prefix or a directory, or ExportError."""
-  if not path:
-    raise ExportError('--checkpoint is required.')
-  if tf.io.gfile.isdir(path):
-    latest = tf.train.latest_checkpoint(path)
-    if latest is None:
-      raise ExportError(f'No checkpoint found in directory {path!r}.')
-    return latest
-  if not tf.io.gfile.exists(path + '.index'):
-    raise ExportError(f'Checkpoint {path!r} does not exist (no {path}.index).')
-  return path
-
-
-def load_trunk(checkpoint: str, trunk_name: str = 'resnet_v2_101',
-               output_stride: Optional[int] = 8) -> resnet_v2.ResNetV2:
-  """Builds the named trunk and restores its `backbone` checkpoint."""
-  try:
-    trunk = resnet_v2.trunk_from_name(trunk_name, output_stride=output_stride)
-  except ValueError as e:
-    raise ExportError(str(e)) from None
-  trunk.build_for_input()
-  try:
-    slim_checkpoint.restore_trunk(trunk, checkpoint)
-  except slim_checkpoint.SlimCheckpointError as e:
-    raise ExportError(str(e)) from None
-  return trunk
-
-
-def _import_serving_apis():
-  try:
-    # pylint: disable=g-import-not-at-top
-    from tensorflow_serving.apis import model_pb2
-    from tensorflow_serving.apis import predict_pb2
-    from tensorflow_serving.apis import prediction_log_pb2
-  except ImportError as e:
-    raise ExportError(
-        f'tensorflow-serving-api is needed to write the warmup requests '
-        f'({e}); pip install "tensorflow-serving-api>=2.20,<2.21".') from None
-  return model_pb2, predict_pb2, prediction_log_pb2
-
-
-def warmup_images(image_size: Sequence[int]):
-  """(serving_default batches of encoded images, from_pixels batch)."""
-  h, w = image_size
-
-  def scene(index, height, width):
-    return synthetic.synthetic_image(WARMUP_SEED, index, max(height, 1),
-                                     max(width, 1))
-
-  def encode(image, fmt):
-    if fmt == 'jpeg':
-      return tf.io.encode_jpeg(image, quality=90).numpy()
-    return tf.io.encode_png(image).numpy()
-
-  first = [encode(scene(0, h, w), 'jpeg')]
-  second = [encode(scene(1, h // 2, w // 2), 'png'),
-            encode(scene(2, h * 3 // 2, w * 3 // 2), 'jpeg')]
-  pixels = scene(3, h, w)[None].astype(np.float32)
-  return [first, second], pixels
-
-
-def warmup_requests(model_name: str, image_size: Sequence[int]):
-  """The PredictionLog records written to assets.extra."""
-  model_pb2, predict_pb2, prediction_log_pb2 = _import_serving_apis()
-  batches, pixels = warmup_images(image_size)
-  requests = [(serving.SERVING_SIGNATURE, serving.IMAGES_INPUT,
-               tf.make_tensor_proto(batch, dtype=tf.string))
-              for batch in batches]
-  requests.append((serving.PIXELS_SIGNATURE, serving.PIXELS_INPUT,
-                   tf.make_tensor_proto(pixels, dtype=tf.float32)))
-  logs = []
-  for signature, input_name, tensor in requests:
-    request = predict_pb2.PredictRequest(
-        model_spec=model_pb2.ModelSpec(name=model_name,
-                                       signature_name=signature))
-    request.inputs[input_name].CopyFrom(tensor)
-    logs.append(prediction_log_pb2.PredictionLog(
-        predict_log=prediction_log_pb2.PredictLog(request=request)))
-  return logs
-
-
-def export_saved_model(trunk: resnet_v2.ResNetV2, export_base: str,
-                       model_name: str = 'mtssl',
-                       version: Optional[int] = None,
-                       image_size: Sequence[int] = serving.DEFAULT_IMAGE_SIZE,
-                       overwrite: bool = False,
-                       checkpoint: Optional[str] = None) -> ExportResult:
-  """Writes the feature extractor of `trunk` as a TF Serving version.
-
-  Returns the version directory, its number and the metadata written.
-  Raises ExportError before writing anything when the version exists
-  (and not `overwrite`) or the arguments are invalid.
-  """
-  version, version_dir = version_directory(export_base, model_name, version,
-                                           overwrite)
-  logs = warmup_requests(model_name, image_size)
-
-  extractor = serving.FeatureExtractor(trunk, image_size=image_size)
-  extractor.trace_call()
-  signatures = extractor.signatures()
-  metadata = extractor.describe()
-  metadata.update(checkpoint=checkpoint, mtssl_version=mtssl.__version__,
-                  tensorflow_version=tf.__version__, model_name=model_name,
-                  version=version)
-  with io_utils.atomic_directory(version_dir, overwrite=overwrite) as tmp:
-    tf.saved_model.save(extractor, tmp, signatures=signatures)
-    extra = os.path.join(tmp, ASSETS_EXTRA)
-    os.makedirs(extra, exist_ok=True)
-    with tf.io.TFRecordWriter(os.path.join(extra, WARMUP_FILE)) as writer:
-      for log in logs:
-        writer.write(log.SerializeToString())
-    io_utils.atomic_write_json(os.path.join(extra, METADATA_FILE), metadata)
-  return ExportResult(path=version_dir, version=version, metadata=metadata)
+EXIT_USAGE = 2
 
 
 def define_flags(flag_values=None):
-  """Defines the command-line flags (on `flag_values`, default absl's FLAGS)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  fv = flag_values if flag_values is not None else flags.FLAGS
-  flags.DEFINE_string('checkpoint', None, 'Trunk checkpoint (prefix or '
-                      'directory) with a `backbone` key: a trainer checkpoint '
-                      'or a converted Slim checkpoint.', flag_values=fv)
-  flags.DEFINE_string('trunk', 'resnet_v2_101', 'Trunk name (see '
-                      'mtssl.backbones.resnet_v2.TRUNK_BLOCKS).',
-                      flag_values=fv)
-  flags.DEFINE_integer('output_stride', 8, 'Output stride the trunk is served '
-                       'at (8 as in training; 16 for detection).',
-                       flag_values=fv)
-  flags.DEFINE_string('export_base', None, 'TF Serving base directory; the '
-                      'model goes to <export_base>/<model_name>/<version>.',
-                      flag_values=fv)
-  flags.DEFINE_string('model_name', 'mtssl', 'TF Serving model name.',
-                      flag_values=fv)
-  flags.DEFINE_integer('version', None, 'Version number (default: one more '
-                       'than the largest existing version).', flag_values=fv)
-  flags.DEFINE_string('image_size', '256', 'Size encoded images are resized '
-                      'to: SIZE or HEIGHT,WIDTH.', flag_values=fv)
-  flags.DEFINE_bool('overwrite', False, 'Replace an existing version.',
-                    flag_values=fv)
+  """Defines the flags (on `flag_values`, default absl's FLAGS)."""
+  config_base.define_flags(
+      configs.ExportConfig,
+      flag_values=flag_values if flag_values is not None else flags.FLAGS)
 
 
-def main(argv, flag_values=None):
-  """Entry point; returns the exit status (0, or 2 on a refused export)."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
+def config_from_flags(flag_values) -> configs.ExportConfig:
+  return dataclasses.replace(
+      configs.ExportConfig(),
+      **config_base.given_values(flag_values, '', configs.ExportConfig))
+
+
+def main(argv, flag_values=None) -> int:
+  """Runs the export the flags describe; 0, or 2 on a refused export."""
   fv = flag_values if flag_values is not None else flags.FLAGS
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    print(f'error: unexpected arguments {argv[1:]}', file=sys.stderr)
+    return EXIT_USAGE
   try:
-    image_size = parse_image_size(fv.image_size)
-    if fv.trunk not in resnet_v2.TRUNK_BLOCKS:
-      raise ExportError(f'Unknown --trunk {fv.trunk!r}; choose one of '
-                        f'{", ".join(sorted(resnet_v2.TRUNK_BLOCKS))}.')
-    try:
-      resnet_v2.plan_units(resnet_v2.TRUNK_BLOCKS[fv.trunk](), fv.output_stride)
-    except ValueError as e:
-      raise ExportError(f'--output_stride={fv.output_stride}: {e}') from None
-    version, _ = version_directory(fv.export_base, fv.model_name, fv.version,
-                                   fv.overwrite)
-    checkpoint = resolve_checkpoint(fv.checkpoint)
-    _import_serving_apis()
-    trunk = load_trunk(checkpoint, fv.trunk, fv.output_stride)
-    result = export_saved_model(trunk, fv.export_base, fv.model_name, version,
-                                image_size, overwrite=fv.overwrite,
-                                checkpoint=checkpoint)
-  except (ExportError, FileExistsError) as e:
+    config = config_from_flags(fv)
+    config.validate()
+    image_size = config.serving_size()
+    version, _ = saved_model.version_directory(
+        config.export_base, config.model_name, config.version,
+        config.overwrite)
+    checkpoint = saved_model.resolve_checkpoint(config.checkpoint)
+    saved_model.import_serving_apis()
+    trunk = saved_model.load_trunk(checkpoint, config.trunk,
+                                   config.output_stride)
+    result = saved_model.export_saved_model(
+        trunk, config.export_base, config.model_name, version, image_size,
+        overwrite=config.overwrite, checkpoint=checkpoint)
+  except (configs.ConfigError, saved_model.ExportError, FileExistsError) as e:
     print(f'error: {e}', file=sys.stderr)
-    return 2
-  print(f'Exported {fv.trunk} (output stride {fv.output_stride}, serving size '
-        f'{image_size[0]}x{image_size[1]}) from {checkpoint} to {result.path}')
+    return EXIT_USAGE
+  print(f'Exported {config.trunk} (output stride {config.output_stride}, '
+        f'serving size {image_size[0]}x{image_size[1]}) from {checkpoint} to '
+        f'{result.path}')
   return 0
 
 
-if __name__ == '__main__':
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+    print('Pass --helpfull to see every flag.', file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def run():
   define_flags()
-  _app.run(main)
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == '__main__':
+  run()

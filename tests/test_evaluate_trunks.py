@@ -40,10 +40,10 @@ class TrunkProviderTest(tf.test.TestCase):
     self.assert_same_weights(provider(checkpoint=self.object_dir).build())
 
   def test_exported_saved_model(self):
-    from mtssl import export  # pylint: disable=g-import-not-at-top
-    result = export.export_saved_model(self.trained,
-                                       self.get_temp_dir() + '/serving',
-                                       image_size=(32, 32))
+    from mtssl.deploy import saved_model  # pylint: disable=g-import-not-at-top
+    result = saved_model.export_saved_model(self.trained,
+                                            self.get_temp_dir() + '/serving',
+                                            image_size=(32, 32))
     self.assert_same_weights(provider(checkpoint=result.path).build())
     with self.assertRaisesRegex(trunks.TrunkLoadError,
                                 'holds trunk resnet_v2_tiny, not resnet_v2_small'):

@@ -5,8 +5,9 @@ training uses. This module restates each of them one image at a time with
 NumPy and OpenCV, the way one would write it without TensorFlow, for two
 purposes:
 
-* the baseline of the pipeline benchmark (`measure`; mtssl/benchmark.py
-  reports the TF pipelines' speed per core against it), and
+* the baseline of the pipeline benchmark (`measure`;
+  mtssl/benchmarking/pipelines.py reports the TF pipelines' speed per core
+  against it), and
 * an independent oracle (tests/test_optimizations.py): given the same random
   draws, a task's pipeline and its reference here produce the same example
   within a tolerance.
@@ -384,29 +385,51 @@ def _cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-SAMPLERS = {'rp': sample_rp, 'col': sample_col, 'ex': sample_ex}
+def _per_image(sample, example):
+  """A reference that draws and processes each image on its own."""
+
+  def process_images(config, images, labels, count, rng):
+    del labels
+    out = []
+    for k in range(count):
+      image = images[k % len(images)]
+      out.append(example(image, sample(rng, image.shape, config), config))
+    return out
+
+  return process_images
+
+
+def _ex_process(config, images, labels, count, rng):
+  out = _per_image(sample_ex, ex_example)(config, images, labels, count, rng)
+  if len(out) > 1:
+    ex_arrange_triplets(np.stack([f['patches'] for f in out]))
+  return out
+
+
+def _ms_process(config, images, labels, count, rng):
+  del rng
+  return [ms_example(images[k % len(images)], labels[k % len(labels)], config)
+          for k in range(count)]
+
+
+# Task name -> process(config, images, labels, count, rng): `count` examples
+# from `images` (and their `labels`, for video tasks), cycled.
+REFERENCES = {
+    'rp': _per_image(sample_rp, rp_example),
+    'col': _per_image(sample_col, col_example),
+    'ex': _ex_process,
+    'ms': _ms_process,
+}
 
 
 def process(name: str, config, images: Sequence[np.ndarray],
             labels: Optional[Sequence[np.ndarray]], count: int,
             rng: np.random.Generator):
   """`count` examples of task `name` from `images` (cycled), reference way."""
-  out = []
-  for k in range(count):
-    image = images[k % len(images)]
-    if name == 'ms':
-      out.append(ms_example(image, labels[k % len(images)], config))
-      continue
-    draws = SAMPLERS[name](rng, image.shape, config)
-    if name == 'rp':
-      out.append(rp_example(image, draws, config))
-    elif name == 'col':
-      out.append(col_example(image, draws, config))
-    else:
-      out.append(ex_example(image, draws, config))
-  if name == 'ex' and len(out) > 1:
-    ex_arrange_triplets(np.stack([f['patches'] for f in out]))
-  return out
+  if name not in REFERENCES:
+    raise ValueError(f'No reference pipeline for task {name!r}; known: '
+                     f'{", ".join(sorted(REFERENCES))}.')
+  return REFERENCES[name](config, images, labels, count, rng)
 
 
 def measure(name: str, task, images, labels=None, count: int = 32,

@@ -1,7 +1,7 @@
 """The trunk as a servable feature extractor (a tf.Module with signatures).
 
 `FeatureExtractor(trunk, image_size)` wraps a trunk for export
-(`mtssl.export` writes it as a SavedModel). What it computes:
+(`mtssl.deploy.saved_model` writes it as a SavedModel). What it computes:
 
 * `serving_default` (input `images`: string [batch]): each element is an
   encoded JPEG, PNG, GIF (first frame), BMP or WebP image of any size.

@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from mtssl.backbones import resnet_v2 as resnet_lib
 from mtssl.backbones import slim_checkpoint
+from mtssl.deploy import saved_model
 
 
 class TrunkLoadError(ValueError):
@@ -51,14 +52,15 @@ class TrunkSpec:
 def saved_model_variables(path: str, trunk_name: Optional[str] = None):
   """The trunk checkpoint inside an exported SavedModel, or None if not one.
 
-  `python -m mtssl.export` saves the trunk under the `backbone` key, so the
-  SavedModel's `variables/variables` is a trunk checkpoint like a converted
-  or trainer one. Its `assets.extra/mtssl_export.json` names the trunk; a
+  `python -m mtssl.export` (mtssl.deploy.saved_model) saves the trunk under
+  the `backbone` key, so the SavedModel's `variables/variables` is a trunk
+  checkpoint like a converted or trainer one. Its `assets.extra/mtssl_export.json` names the trunk; a
   different --trunk is refused.
   """
   if not (tf.io.gfile.isdir(path) and tf.saved_model.contains_saved_model(path)):
     return None
-  metadata_path = os.path.join(path, 'assets.extra', 'mtssl_export.json')
+  metadata_path = os.path.join(path, saved_model.ASSETS_EXTRA,
+                               saved_model.METADATA_FILE)
   if trunk_name and tf.io.gfile.exists(metadata_path):
     with tf.io.gfile.GFile(metadata_path) as f:
       exported = json.load(f).get('trunk')
