@@ -112,7 +112,8 @@ def expected_status(path: str) -> str:
   return 'ok'
 
 
-def write_photos(root: str, names: Sequence[str] = TRAINING_PHOTOS) -> List[str]:
+def write_photos(root: str,
+                 names: Sequence[str] = TRAINING_PHOTOS) -> List[str]:
   """Copies the photos, byte for byte, into root; returns their paths."""
   os.makedirs(root, exist_ok=True)
   paths = []
