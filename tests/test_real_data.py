@@ -7,6 +7,7 @@ measured on them.
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import shutil
@@ -222,7 +223,7 @@ class LinearProtocolTest(tf.test.TestCase):
 
 
 class MotionLabelToolTest(tf.test.TestCase):
-  """The extraction (what tools/extract_motion_labels.py runs) on real clips."""
+  """tools/extract_motion_labels.py on real clips, few frames per clip."""
 
   MAX_EXAMPLES = 2
 
@@ -235,8 +236,15 @@ class MotionLabelToolTest(tf.test.TestCase):
     cls.options = videos.ExtractOptions(
         max_examples_per_video=cls.MAX_EXAMPLES)
     cls.out = os.path.join(cls.tmp, 'labels')
-    cls.summary = extraction.run_extraction(cls.clips, cls.out, cls.options,
-                                            workers=1)
+    tool = os.path.join(ROOT, 'tools', 'extract_motion_labels.py')
+    cls.tool = subprocess.run(
+        [sys.executable, tool, f'--videos={cls.clips}',
+         f'--output_dir={cls.out}', '--workers=1',
+         f'--max_examples_per_video={cls.MAX_EXAMPLES}'],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    with open(os.path.join(cls.out, 'summary.json')) as f:
+      cls.summary = json.load(f)
     cls.examples = {}
     for shard in records.find_shards(cls.out):
       for data in tf.data.TFRecordDataset(shard).as_numpy_iterator():
@@ -249,6 +257,8 @@ class MotionLabelToolTest(tf.test.TestCase):
     super().tearDownClass()
 
   def test_every_clip_gives_its_examples_with_sane_label_fractions(self):
+    self.assertEqual(self.tool.returncode, 0, self.tool.stderr[-3000:])
+    self.assertEqual(json.loads(self.tool.stdout)['examples'], 6)
     self.assertEqual(self.summary['videos']['processed'], 3)
     self.assertEqual(self.summary['videos']['skipped'], {})
     # Measured: frames 0 and 10 of bigbuckbunny and bikes, 0 and 20 of
@@ -269,6 +279,7 @@ class MotionLabelToolTest(tf.test.TestCase):
     self.assertBetween(max(fractions), 0.05, 0.2)
 
   def test_rerun_writes_identical_shards(self):
+    # The rerun calls the function the tool runs, in this process.
     out = os.path.join(self.tmp, 'rerun')
     summary = extraction.run_extraction(self.clips, out, self.options,
                                         workers=1)
