@@ -69,8 +69,10 @@ def serialize_example(frame: bytes, label: np.ndarray, height: int, width: int,
       'foreground': tf.train.Feature(
           float_list=tf.train.FloatList(value=[float(foreground)])),
   }
-  return tf.train.Example(
-      features=tf.train.Features(feature=feature)).SerializeToString()
+  # Deterministic: map entries sorted by key. Otherwise their order varies
+  # between processes, and so would the bytes of a rerun's shards.
+  return tf.train.Example(features=tf.train.Features(
+      feature=feature)).SerializeToString(deterministic=True)
 
 
 def write_shard(path: str, records: Sequence[bytes]) -> None:

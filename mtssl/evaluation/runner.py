@@ -216,8 +216,12 @@ class Protocol(abc.ABC):
     return out
 
   def data_problems(self) -> Dict[str, Dict[str, int]]:
-    """Skipped / converted examples per source, by reason."""
-    return {s.name: s.counter.problems() for s in self.sources}
+    """Skipped / converted examples of the train and eval data, by reason.
+
+    Keyed by role: the two sources may be the same folder (same name).
+    """
+    return {'train': self.train_source.counter.problems(),
+            'eval': self.eval_source.counter.problems()}
 
 
 def _next_batch(iterator):
