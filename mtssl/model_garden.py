@@ -38,8 +38,8 @@ Choices:
   blocks after the output stride is reached), the deepest one is the level's
   endpoint, as Model Garden's dilated ResNet does. A level where no block
   ends takes its deepest unit: level 2 (stride 4) is the unit before
-  block1's last (`block1/unit_2/bottleneck_v2` of ResNet-101, 256 deep like Model Garden's
-  level-2 ResNet feature); a trunk whose block1 has one unit has no level 2.
+  block1's last (`block1/unit_2/bottleneck_v2` of ResNet-101); a trunk
+  whose block1 has one unit has no level 2.
   Output stride 16: {'2': block1/unit_<n-1>, '3': block1, '4': block3};
   8: {'2': ..., '3': block3}; None (32): {'2': ..., '3': block1,
   '4': block2, '5': block3}. So Model Garden's FPN configs (levels 2-6)
