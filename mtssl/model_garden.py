@@ -6,8 +6,10 @@ Importing this module registers:
   (`official.vision.modeling.backbones.factory`), configured by
   `MtsslResNetV2` (trunk name, output stride, weight decay);
 * `Backbone`, Model Garden's backbone one-of config with the extra field
-  `mtssl_resnet_v2` (Model Garden's own `Backbone` cannot name a backbone it
-  does not list, so configs that use this one are built from it);
+  `mtssl_resnet_v2`, installed as `official.vision.configs.backbones.Backbone`
+  so that every config built afterwards carries the field: stock experiments
+  (`fasterrcnn_resnetfpn_coco`, `retinanet_resnetfpn_coco`,
+  `resnet_imagenet`, ...) can then say `backbone.type: mtssl_resnet_v2`;
 * two experiments (`official.core.exp_factory`): `mtssl_fasterrcnn` (Model
   Garden's `fasterrcnn_resnetfpn_coco` with this backbone at output stride 16
   and an FPN over levels 3-6) and `mtssl_image_classification`. Both restore
@@ -16,8 +18,11 @@ Importing this module registers:
 Train with Model Garden's own driver through this module, which registers the
 above first:
 
-  python -m mtssl.model_garden --experiment=mtssl_fasterrcnn \
+  python -m mtssl.model_garden --experiment=fasterrcnn_resnetfpn_coco \
       --config_file=voc.yaml --mode=train_and_eval --model_dir=/runs/det
+
+`init_checkpoint` may be a trunk checkpoint or the variables of an exported
+SavedModel (`<export>/variables/variables`).
 
 Choices:
 
@@ -31,10 +36,19 @@ Choices:
   block's stride. Slim puts a block's stride on its last unit, so block1 ends
   at stride 8 (level 3); where several blocks end at the same stride (atrous
   blocks after the output stride is reached), the deepest one is the level's
-  endpoint, as Model Garden's dilated ResNet does. Output stride 16:
-  {'3': block1, '4': block3}; 8: {'3': block3}; None (32): {'3': block1,
-  '4': block2, '5': block3}. Every endpoint is the raw block output (no
-  batch norm or ReLU after it, as in the trunk).
+  endpoint, as Model Garden's dilated ResNet does. A level where no block
+  ends takes its deepest unit: level 2 (stride 4) is the unit before
+  block1's last (`block1/unit_2/bottleneck_v2` of ResNet-101); a trunk
+  whose block1 has one unit has no level 2.
+  Output stride 16: {'2': block1/unit_<n-1>, '3': block1, '4': block3};
+  8: {'2': ..., '3': block3}; None (32): {'2': ..., '3': block1,
+  '4': block2, '5': block3}. So Model Garden's FPN configs (levels 2-6)
+  build unchanged. Every endpoint is the raw unit output (no batch norm or
+  ReLU after it, as in the trunk).
+* Input: Model Garden's input pipelines and serving modules feed
+  `(rgb - MEAN_RGB) / STDDEV_RGB` (ImageNet statistics); the trunk was
+  trained on `rgb - VGG mean`. The backbone maps the one to the other
+  before its first convolution (no variables).
 * Batch norm keeps the trunk's Slim settings (decay 0.997, epsilon 1e-5):
   Model Garden's `norm_activation` config is not applied, because the
   pre-trained moving statistics belong to these settings.
@@ -57,10 +71,12 @@ from official.vision.configs import decoders as decoders_cfg
 from official.vision.configs import image_classification as ic_cfg
 from official.vision.configs import maskrcnn  # pylint: disable=unused-import
 from official.vision.modeling.backbones import factory
+from official.vision.ops import preprocess_ops
 # The tasks the experiments name, so task_factory.get_task finds them.
 from official.vision.tasks import image_classification  # pylint: disable=unused-import
 from official.vision.tasks import maskrcnn as maskrcnn_task  # pylint: disable=unused-import
 
+from mtssl import preprocessing
 from mtssl.backbones import resnet_v2
 
 BACKBONE_TYPE = 'mtssl_resnet_v2'
@@ -88,6 +104,12 @@ class Backbone(backbones_cfg.Backbone):
       default_factory=MtsslResNetV2)
 
 
+# Model Garden configs name `backbones.Backbone` when they are built (field
+# default factories and experiment factories alike), so from here on they
+# build the extended one-of.
+backbones_cfg.Backbone = Backbone
+
+
 def mtssl_backbone(trunk: str = 'resnet_v2_101', output_stride: int = 16,
                    weight_decay: Optional[float] = None) -> Backbone:
   return Backbone(type=BACKBONE_TYPE, mtssl_resnet_v2=MtsslResNetV2(
@@ -97,13 +119,26 @@ def mtssl_backbone(trunk: str = 'resnet_v2_101', output_stride: int = 16,
 def endpoint_levels(trunk: resnet_v2.ResNetV2) -> Dict[str, str]:
   """{Model Garden level: trunk end point} (see module docstring)."""
   stride = resnet_v2.ROOT_STRIDE if trunk.include_root_block else 1
-  levels = {}
+  block_ends, unit_ends = {}, {}
   last_units = {(b.scope, b.num_units) for b in trunk.block_specs}
   for plan in trunk.unit_plan:
     stride *= plan.stride
+    level = str(int(math.log2(stride)))
+    unit_ends[level] = f'{trunk.scope}/{plan.scope}'
     if (plan.block, plan.index) in last_units:
-      levels[str(int(math.log2(stride)))] = f'{trunk.scope}/{plan.block}'
-  return levels
+      block_ends[level] = f'{trunk.scope}/{plan.block}'
+  # A level where no block ends (stride 4: block1 strides on its last unit)
+  # takes its deepest unit.
+  return {level: block_ends.get(level, name)
+          for level, name in sorted(unit_ends.items(), key=lambda x: int(x[0]))}
+
+
+def trunk_input(images):
+  """Model Garden's normalized RGB -> the trunk's input (RGB minus VGG mean)."""
+  scale = tf.constant(preprocess_ops.STDDEV_RGB, tf.float32)
+  offset = tf.constant(preprocess_ops.MEAN_RGB, tf.float32) - tf.constant(
+      preprocessing.VGG_MEAN_RGB, tf.float32)
+  return tf.cast(tf.cast(images, tf.float32) * scale + offset, images.dtype)
 
 
 class ModelGardenResNetV2(resnet_v2.ResNetV2):
@@ -134,6 +169,7 @@ class ModelGardenResNetV2(resnet_v2.ResNetV2):
     batch, height, width = self._input_shape[:3]
     depths = {f'{self.scope}/{b.scope}': 4 * b.base_depth
               for b in self.block_specs}
+    depths.update({f'{self.scope}/{u.scope}': u.depth for u in self.unit_plan})
     specs = {}
     for level, name in self._levels.items():
       stride = 2 ** int(level)
@@ -145,7 +181,7 @@ class ModelGardenResNetV2(resnet_v2.ResNetV2):
     return specs
 
   def call(self, inputs, training=None):
-    end_points = super().call(inputs, training=training)
+    end_points = super().call(trunk_input(inputs), training=training)
     return {level: end_points[name] for level, name in self._levels.items()}
 
 

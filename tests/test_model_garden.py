@@ -11,8 +11,10 @@ from absl.testing import parameterized
 from official.core import exp_factory
 from official.core import task_factory
 from official.modeling import hyperparams
+from official.vision.ops import preprocess_ops
 
 from mtssl import model_garden
+from mtssl import preprocessing
 from mtssl.backbones import resnet_v2
 from mtssl.backbones import slim_checkpoint
 from mtssl.data import synthetic
@@ -82,24 +84,36 @@ def _detection_record(path, size, count):
 class BackboneTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.parameters(
-      (16, {'3': 'block1', '4': 'block3'}),
-      (8, {'3': 'block3'}),
-      (0, {'3': 'block1', '4': 'block2', '5': 'block3'}),
+      (TRUNK, 16, {'3': 'block1', '4': 'block3'}),
+      (TRUNK, 8, {'3': 'block3'}),
+      (TRUNK, 0, {'3': 'block1', '4': 'block2', '5': 'block3'}),
+      # block1 of two units: the first ends at stride 4 (level 2).
+      ('resnet_v2_small', 16, {'2': 'block1/unit_1/bottleneck_v2',
+                               '3': 'block1', '4': 'block3'}),
   )
-  def test_endpoints_by_level(self, output_stride, expected):
+  def test_endpoints_by_level(self, trunk, output_stride, expected):
     spec = tf_keras.layers.InputSpec(shape=[None, 64, 96, 3])
-    backbone = model_garden.build_backbone(TRUNK, output_stride, spec)
+    backbone = model_garden.build_backbone(trunk, output_stride, spec)
     self.assertEqual(backbone.endpoint_names,
-                     {k: f'{TRUNK}/{v}' for k, v in expected.items()})
-    endpoints = backbone(tf.zeros([1, 64, 96, 3]))
-    slim = resnet_v2.ResNetV2.call(backbone, tf.zeros([1, 64, 96, 3]))
+                     {k: f'{trunk}/{v}' for k, v in expected.items()})
+    images = tf.random.stateless_normal([1, 64, 96, 3], [1, 2])
+    endpoints = backbone(images)
+    slim = resnet_v2.ResNetV2.call(backbone, model_garden.trunk_input(images))
     self.assertEqual(sorted(endpoints), sorted(expected))
     for level, block in expected.items():
-      self.assertAllEqual(endpoints[level], slim[f'{TRUNK}/{block}'])
+      self.assertAllEqual(endpoints[level], slim[f'{trunk}/{block}'])
       self.assertEqual(backbone.output_specs[level].as_list(),
                        [None] + endpoints[level].shape[1:].as_list())
       stride = 2 ** int(level)
       self.assertEqual(endpoints[level].shape[1:3], (64 // stride, 96 // stride))
+
+  def test_trunk_input_undoes_model_garden_normalization(self):
+    rgb = tf.constant(np.random.default_rng(3).integers(
+        0, 256, (2, 8, 8, 3)), tf.uint8)
+    # What Model Garden's input pipelines and serving modules feed.
+    normalized = preprocess_ops.normalize_image(rgb)
+    self.assertAllClose(model_garden.trunk_input(normalized),
+                        preprocessing.vgg_preprocess(rgb), atol=1e-3)
 
   def test_unknown_trunk(self):
     with self.assertRaisesRegex(ValueError, "Unknown mtssl_resnet_v2 trunk 'x'"):
