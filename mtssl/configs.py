@@ -63,7 +63,8 @@ class TaskRun:
   """How one task takes part in a run (flags --<task>_<field>)."""
   config: tasks_lib.TaskConfig
   data: str = _field('synthetic', 'data source: synthetic, folder:/path or '
-                     'tfds:name[:split] (ms: synthetic or tfrecord:/dir)')
+                     'tfds:name[:split] (ms: synthetic or tfrecord:/dir; ti: synthetic '
+                     'or graph:/dir)')
   learning_rate: float = _field(1e-3, 'RMSProp learning rate (constant, as in '
                                 'the paper)')
   step_cost: Optional[float] = _field(
@@ -218,6 +219,8 @@ CPU_TASK_OVERRIDES: Dict[str, Dict[str, object]] = {
     'col': {'head_widths': (256, 256)},
     'ex': {'unit_depths': (128, 64), 'unit_bottleneck': 32},
     'ms': {'head_widths': (256, 256)},
+    'ti': {'unit_depths': (128, 64), 'unit_bottleneck': 32,
+           'fc_widths': (256, 128)},
 }
 CPU_TASKS = ('rp', 'col')
 PAPER_TASKS = ('rp', 'col', 'ex', 'ms')
