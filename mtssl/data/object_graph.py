@@ -75,6 +75,7 @@ class Track:
   identity: int = -1         # ground-truth instance (-1: unknown)
   category: int = -1         # ground-truth class (-1: unknown)
   end_identity: int = -1
+  end_category: int = -1
 
 
 @dataclasses.dataclass
@@ -253,7 +254,8 @@ def build_graph(tracks: Sequence[Track],
   role = np.tile(np.array([START, END], np.int8), n_tracks)
   identity = np.array([i for t in tracks for i in (t.identity, t.end_identity)],
                       np.int64)
-  category = np.repeat(np.array([t.category for t in tracks], np.int32), 2)
+  category = np.array([c for t in tracks for c in (t.category, t.end_category)],
+                      np.int32)
   features = np.asarray(embed(patches[0::2]), np.float32)
   if features.shape[0] != n_tracks:
     raise GraphError(f'The embedding returned {features.shape[0]} rows for '
@@ -404,5 +406,5 @@ def synthetic_tracks(seed: int, num_clips: int, starts_per_clip: int = 3,
           crop_patch(frame0, start_box, config.patch_size),
           crop_patch(frame1, end_box, config.patch_size),
           f'synthetic:{seed}:{clip}', t0, start_box, end_box, identity,
-          scene.movers[mover].cls, identity))
+          scene.movers[mover].cls, identity, scene.movers[mover].cls))
   return tracks
