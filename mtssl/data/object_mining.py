@@ -110,9 +110,9 @@ class Miner:
     # where it is known (tests on synthetic video), else -1.
     self.identify = identify
 
-  def _track(self, window, box):
+  def _track(self, window, box, mask):
     if self.options.tracker == 'correlation':
-      return correlation_track(window, box)
+      return correlation_track(window, box, mask)
     tracker = cv2.TrackerMIL_create()
     x0, y0, x1, y1 = box
     tracker.init(_to_bgr(window[0]), (x0, y0, x1 - x0, y1 - y0))
@@ -140,7 +140,8 @@ class Miner:
       _add(counts, WEAK_BOX)
       return None
     start_box = (x0, y0, x0 + side, y0 + side)
-    end_box = self._track(window, start_box)
+    end_box = self._track(window, start_box,
+                          result.mask[y0:y0 + side, x0:x0 + side])
     if end_box is None:
       _add(counts, LOST_TRACK)
       return None
@@ -180,12 +181,14 @@ class Miner:
     return tracks
 
 
-def correlation_track(window, box):
+def correlation_track(window, box, mask=None):
   """The box (x0, y0, x1, y1) followed through `window` by normalized
   cross-correlation of a gray template in a window around its last place,
   the template interpolated towards each new find (as KCF updates its
   model); None when the best correlation falls under MIN_CORRELATION or the
-  box leaves the frame."""
+  box leaves the frame. `mask` (bool, the box's size) restricts the template
+  to the moving pixels, so the object rather than the background is
+  followed."""
   x0, y0, x1, y1 = [int(round(v)) for v in box]
   side_x, side_y = x1 - x0, y1 - y0
   h, w = window[0].shape[:2]
@@ -193,13 +196,15 @@ def correlation_track(window, box):
   gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY).astype(np.float32)
           for f in window]
   template = gray[0][y0:y1, x0:x1].copy()
+  weights = None if mask is None else mask.astype(np.float32)
   for frame in gray[1:]:
     sx0, sy0 = max(x0 - reach, 0), max(y0 - reach, 0)
     sx1, sy1 = min(x1 + reach, w), min(y1 + reach, h)
     if sx1 - sx0 < side_x or sy1 - sy0 < side_y:
       return None
     scores = cv2.matchTemplate(frame[sy0:sy1, sx0:sx1], template,
-                               cv2.TM_CCOEFF_NORMED)
+                               cv2.TM_CCOEFF_NORMED, mask=weights)
+    scores[~np.isfinite(scores)] = -1
     _, best, _, (bx, by) = cv2.minMaxLoc(scores)
     if best < MIN_CORRELATION:
       return None
