@@ -1,5 +1,7 @@
 """Transitive invariance: learning against chance, checkpoint and resume."""
 
+import dataclasses
+import os
 import tempfile
 
 import numpy as np
@@ -48,6 +50,36 @@ class CheckpointTest(tf.test.TestCase):
     second = trainer_lib.Trainer(config(4)).train()
     self.assertEqual(second['global_step'], 4)
     self.assertEqual(second['task_steps'], {'ti': 4})
+
+  def test_init_from_rp_run(self):
+    root = tempfile.mkdtemp(dir=self.get_temp_dir())
+    rp_cfg = configs.cpu_config(['rp'])
+    rp_cfg.tasks['rp'].config = dataclasses.replace(
+        rp_cfg.tasks['rp'].config, batch_size=2, unit_depths=(32, 16),
+        unit_bottleneck=8, fc_bottleneck=8)
+    rp_cfg.trunk, rp_cfg.steps = 'resnet_v2_tiny', 1
+    rp_cfg.model_dir = os.path.join(root, 'rp')
+    trainer_lib.Trainer(rp_cfg).train()
+    ti_cfg = configs.cpu_config(['ti'])
+    ti_cfg.tasks['ti'].config = ti.TiConfig(batch_size=4, **SMALL_HEAD,
+                                            **SMALL_GRAPH)
+    ti_cfg.trunk, ti_cfg.steps = 'resnet_v2_tiny', 1
+    ti_cfg.model_dir = os.path.join(root, 'ti')
+    ti_cfg.init_checkpoint = rp_cfg.model_dir
+    trainer = trainer_lib.Trainer(ti_cfg).setup()
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(
+        rp_cfg.model_dir))
+    for i, unit in enumerate(trainer.model.heads['ti'].units):
+      self.assertAllEqual(
+          unit.conv2.conv.kernel,
+          reader.get_tensor(f'heads/rp/units/{i}/conv2/conv/kernel/'
+                            '.ATTRIBUTES/VARIABLE_VALUE'))
+    bad = dataclasses.replace(ti_cfg, model_dir=os.path.join(root, 'ti2'))
+    bad.tasks = {'ti': dataclasses.replace(ti_cfg.tasks['ti'], config=ti.TiConfig(
+        batch_size=4, unit_depths=(64, 16), unit_bottleneck=8,
+        fc_widths=(64, 32), **SMALL_GRAPH))}
+    with self.assertRaisesRegex(ValueError, 'ti_unit_depths'):
+      trainer_lib.Trainer(bad).setup()
 
 
 if __name__ == '__main__':

@@ -328,6 +328,27 @@ class TransitiveInvarianceTask(base.Task):
     return TransitiveHead(3, cfg.unit_depths, cfg.unit_bottleneck,
                           cfg.fc_widths, cfg.weight_decay, name='ti_head')
 
+  def initialize_head(self, head, path: str):
+    """Copies relative position's patch units from checkpoint `path` into
+    the (built) head, as the paper starts every convolutional layer from the
+    context-prediction network. Returns what was restored, or None when the
+    checkpoint has no rp head; a unit of another shape is a ValueError."""
+    shapes = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+    prefix = 'heads/rp/units/'
+    if not any(k.startswith(prefix) for k in shapes):
+      return None
+    for i, unit in enumerate(head.units):
+      key = f'{prefix}{i}/conv3/conv/kernel/.ATTRIBUTES/VARIABLE_VALUE'
+      if shapes.get(key) != unit.conv3.conv.kernel.shape.as_list():
+        raise ValueError(
+            f'ti unit {i} is {unit.conv3.conv.kernel.shape.as_list()} but '
+            f'the rp unit in {path} is {shapes.get(key)}; set '
+            f'--ti_unit_depths and --ti_unit_bottleneck to the rp head\'s.')
+    holder = tf.Module()
+    holder.units = head.units
+    tf.train.Checkpoint(heads={'rp': holder}).read(path).expect_partial()
+    return 'heads/ti/units from heads/rp/units'
+
   def loss(self, labels, outputs):
     per_triplet = ex.triplet_loss(outputs, self.config.margin)
     return masked_mean(per_triplet, labels['valid'])

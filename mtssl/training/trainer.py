@@ -282,6 +282,13 @@ class Trainer:
             tf.train.latest_checkpoint(path) if tf.io.gfile.isdir(path) else path
         ).expect_partial()
         restored.append(f'heads/{name}')
+      elif hasattr(self.tasks[name], 'initialize_head'):
+        # A task may start its head from another task's (ti from rp's units).
+        done = self.tasks[name].initialize_head(
+            self.model.heads[name],
+            tf.train.latest_checkpoint(path) if tf.io.gfile.isdir(path) else path)
+        if done:
+          restored.append(done)
     logging.info('Initialized %s from %s.', ', '.join(restored), path)
 
   # Training ---------------------------------------------------------------
