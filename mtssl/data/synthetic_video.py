@@ -192,15 +192,6 @@ class VideoScene:
     hi = np.array([cw - w / 2, ch - h / 2])
     return _bounce(mover.start + mover.velocity * t, lo, hi)
 
-  def mover_box(self, mover: Mover, t: float) -> np.ndarray:
-    """Frame-t (x0, y0, x1, y1) of a mover's sprite rectangle."""
-    cam = self.camera_matrix(t)
-    h, w = mover.alpha.shape
-    x, y = self.mover_position(mover, t)
-    corners = cam @ np.array([[x, y, 1.0], [x + w, y + h, 1.0]]).T
-    return np.array([corners[0, 0], corners[1, 0], corners[0, 1],
-                     corners[1, 1]])
-
   def instance_map(self, t: float) -> np.ndarray:
     """int32 [H, W]: 1 + the index of the mover covering more than half of
     each pixel (the last drawn on top), 0 elsewhere. Object identities for

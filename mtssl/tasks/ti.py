@@ -12,8 +12,9 @@ loss and counted (`labels['valid']`). Loss per triplet:
 
     max(0, D(X, X+) - D(X, X-) + m),   D = 1 - cos,   m = 0.5.
 
-Sources (`make_source`): `synthetic` (a graph built in-process from the
-built-in synthetic video, once per process and settings) or `graph:/dir` (a
+Sources (`make_source`): `synthetic` (a graph built in-process from clips
+of the built-in synthetic video stream 0, once per process and settings: the
+graph is fixed data, the run seed drives the draws of pairs) or `graph:/dir` (a
 graph directory written by tools/build_object_graph.py). Example k is a pure
 function of (seed, k): its edge type, edge and orientation are drawn from
 numpy's generator seeded by (seed, k).
