@@ -141,6 +141,9 @@ class EmbedderTest(tf.test.TestCase):
         os.path.join(self.get_temp_dir(), 'trunk_only'))
     with self.assertRaisesRegex(object_graph.GraphError, 'no relative'):
       object_mining.RpEmbedder(no_rp, 'resnet_v2_tiny')
+    for missing in (no_rp + '-9', os.path.join(self.get_temp_dir(), 'no')):
+      with self.assertRaisesRegex(object_graph.GraphError, 'No checkpoint'):
+        object_mining.RpEmbedder(missing, 'resnet_v2_tiny')
 
 
 if __name__ == '__main__':

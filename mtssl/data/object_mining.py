@@ -306,7 +306,7 @@ class RpEmbedder:
                batch_size: int = 32):
     path = (tf.train.latest_checkpoint(checkpoint)
             if tf.io.gfile.isdir(checkpoint) else checkpoint)
-    if not path:
+    if not path or not tf.io.gfile.exists(path + '.index'):
       raise object_graph.GraphError(f'No checkpoint at {checkpoint!r}.')
     shapes = tf.train.load_checkpoint(path).get_variable_to_shape_map()
     depths, bottleneck = [], None

@@ -166,7 +166,7 @@ class PairSource:
     def _map(k):
       out = tf.numpy_function(
           _read, [k], [tf.uint8, tf.uint8, tf.int32, tf.int32, tf.int64,
-                       tf.bool], stateful=False)
+                       tf.bool], stateful=True)  # counts bad patches
       for t, shape in zip(out, [[p, p, 3], [p, p, 3], [], [], [2], []]):
         t.set_shape(shape)
       return (k,) + tuple(out)
