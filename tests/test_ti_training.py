@@ -33,26 +33,31 @@ class LearningTest(tf.test.TestCase):
 
 class CheckpointTest(tf.test.TestCase):
 
-  def test_resume(self):
+  def test_resume_with_rp_and_lasso(self):
     model_dir = tempfile.mkdtemp(dir=self.get_temp_dir())
 
     def config(steps):
-      cfg = configs.cpu_config(['ti'])
+      cfg = configs.cpu_config(['rp', 'ti'])
+      cfg.tasks['rp'].config = dataclasses.replace(
+          cfg.tasks['rp'].config, batch_size=2, unit_depths=(32, 16),
+          unit_bottleneck=8, fc_bottleneck=8)
       cfg.tasks['ti'].config = ti.TiConfig(batch_size=4, **SMALL_HEAD,
                                            **SMALL_GRAPH)
-      cfg.trunk = 'resnet_v2_tiny'
+      cfg.trunk, cfg.lasso = 'resnet_v2_tiny', True
       cfg.model_dir, cfg.steps, cfg.checkpoint_every = model_dir, steps, 1
       return cfg
 
-    first = trainer_lib.Trainer(config(1)).train()
-    self.assertEqual(first['global_step'], 1)
-    resumed = trainer_lib.Trainer(config(2))
+    first = trainer_lib.Trainer(config(2)).train()
+    self.assertEqual(first['task_steps'], {'rp': 1, 'ti': 1})
+    resumed = trainer_lib.Trainer(config(4))
     resumed.setup()
-    # The stream continues after the batch the first run trained on.
+    # The ti stream continues after the batch the first run trained on.
     self.assertEqual(int(resumed.state.positions['ti'].numpy()), 4)
+    self.assertIn('ti', resumed.model.lasso)
     second = resumed.train()
-    self.assertEqual(second['global_step'], 2)
-    self.assertEqual(second['task_steps'], {'ti': 2})
+    self.assertEqual(second['global_step'], 4)
+    self.assertEqual(second['task_steps'], {'rp': 2, 'ti': 2})
+    self.assertEqual(second['data_problems']['ti'], {})
 
   def test_init_from_rp_run(self):
     root = tempfile.mkdtemp(dir=self.get_temp_dir())
