@@ -2,10 +2,11 @@
 
 Typical use:
 
-    tracks = object_graph.synthetic_tracks(seed=0, num_clips=40)
-    graph = object_graph.build_graph(tracks, object_graph.hog_features,
-                                     GraphConfig(num_parents=8,
-                                                 min_parent_size=10))
+    tracks = object_graph.synthetic_tracks(seed=0, num_clips=60)
+    graph = object_graph.build_graph(
+        tracks, object_graph.color_hog_features,
+        GraphConfig(num_parents=6, min_parent_size=8))
+    object_graph.edge_precision(graph)  # against the generator's identities
 
 Nodes are 96x96 patches of moving objects: the start of a track and its end
 `track_length` (30) frames later. Edges:
@@ -114,9 +115,8 @@ def hog_features(patches: np.ndarray, cell: int = 12, bins: int = 9
   """Histograms of oriented gradients of uint8 patches [N, p, p, 3].
 
   Unsigned orientation, `bins` bins per `cell` x `cell` cell, each 2x2 block
-  of cells L2-normalized; float32 [N, D]. The paper's ablation clusters with
-  HOG; the built-in synthetic graph uses it because no trained network is at
-  hand when a run starts.
+  of cells L2-normalized; float32 [N, D]. The paper's ablation clusters
+  with HOG.
   """
   patches = np.asarray(patches)
   out = []
@@ -141,8 +141,9 @@ def hog_features(patches: np.ndarray, cell: int = 12, bins: int = 9
 
 
 def color_hog_features(patches: np.ndarray) -> np.ndarray:
-  """`hog_features` joined with a hue-saturation histogram (8x4 bins, weighted
-  by saturation) of each patch's central half, both L2-normalized."""
+  """`hog_features` joined with a hue-saturation histogram (8x4 bins) of each
+  patch's central half, both L2-normalized: the features of the built-in
+  synthetic graph, since no trained network exists when a run starts."""
   patches = np.asarray(patches)
   hists = []
   for patch in patches:
@@ -178,9 +179,9 @@ def kmeans(features: np.ndarray, k: int, iterations: int, seed: int
     closest = np.minimum(closest, 1.0 - x @ x[i])
   centres = np.stack(centres)
   assign = np.zeros(n, np.int64)
-  for _ in range(iterations):
+  for iteration in range(iterations):
     new = _nearest_centre(x, centres)
-    if _ and np.array_equal(new, assign):
+    if iteration and np.array_equal(new, assign):
       break
     assign = new
     for c in range(k):
