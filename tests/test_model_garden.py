@@ -13,8 +13,8 @@ from official.core import task_factory
 from official.modeling import hyperparams
 from official.vision.ops import preprocess_ops
 
-from mtssl import model_garden
-from mtssl import preprocessing
+from mtssl.deploy import model_garden
+from mtssl.ops import preprocessing
 from mtssl.backbones import resnet_v2
 from mtssl.backbones import slim_checkpoint
 from mtssl.data import synthetic

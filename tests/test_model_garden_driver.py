@@ -21,8 +21,8 @@ from official.modeling import hyperparams
 from official.vision.serving import detection as detection_serving
 from official.vision.serving import export_saved_model_lib
 
-from mtssl import export
-from mtssl import model_garden
+from mtssl.deploy import saved_model
+from mtssl.deploy import model_garden
 from mtssl.backbones import resnet_v2
 from mtssl.backbones import slim_checkpoint
 from mtssl.data import synthetic
@@ -105,8 +105,8 @@ class StockExperimentTest(tf.test.TestCase):
     checkpoint = slim_checkpoint.write_trunk_checkpoint(
         cls.trunk, os.path.join(cls.tmp, 'trunk', 'ckpt'))
     # What `python -m mtssl.export --output_stride=16` writes.
-    exported = export.export_saved_model(
-        export.load_trunk(checkpoint, TRUNK, output_stride=16),
+    exported = saved_model.export_saved_model(
+        saved_model.load_trunk(checkpoint, TRUNK, output_stride=16),
         os.path.join(cls.tmp, 'serving'), image_size=(IMAGE_SIZE, IMAGE_SIZE),
         checkpoint=checkpoint)
     cls.init_checkpoint = os.path.join(exported.path, 'variables', 'variables')

@@ -21,12 +21,12 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
-from mtssl import configs
+from mtssl.configs import training as configs
 from mtssl.data import sources
 from mtssl.evaluation import factory
 from mtssl.motion import extraction
 from mtssl.motion import labels as labels_lib
-from mtssl.motion import records
+from mtssl.data import motion_records as records
 from mtssl.motion import videos
 from mtssl.tasks import col
 from mtssl.training import trainer as trainer_lib

@@ -107,6 +107,19 @@ class SyntheticVideoTest(tf.test.TestCase, parameterized.TestCase):
         self.assertLessEqual(corners[:, 0].max(), scene.canvas.shape[1])
         self.assertLessEqual(corners[:, 1].max(), scene.canvas.shape[0])
 
+  def test_instance_map_names_the_movers_of_the_mask(self):
+    scene = sv.VideoScene(3, 1, H, W, camera='pan_zoom', num_movers=3)
+    for t in (0, 30):
+      _, mask = scene.frame(t)
+      instances = scene.instance_map(t)
+      # Covered pixels are those of the motion mask, each named by a mover.
+      self.assertAllEqual(instances > 0, mask)
+      self.assertLessEqual(instances.max(), len(scene.movers))
+    # A mover drawn on its own covers exactly its own pixels.
+    alone = sv.VideoScene(3, 1, H, W, camera='pan_zoom', num_movers=3)
+    alone.movers = alone.movers[:1]
+    self.assertAllEqual(alone.instance_map(0) == 1, alone.frame(0)[1])
+
   def test_rejects_bad_arguments(self):
     with self.assertRaisesRegex(ValueError, 'camera'):
       sv.VideoScene(0, 0, H, W, camera='dolly')

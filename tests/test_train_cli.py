@@ -46,7 +46,7 @@ class FlagsTest(tf.test.TestCase, parameterized.TestCase):
     names = {os.path.basename(f)[:-len('.flags')] for f in FLAGFILES}
     self.assertEqual(names, {'rp', 'col', 'ex', 'ms', 'rp_col', 'rp_ex', 'rp_ms',
                              'rp_col_ex', 'rp_col_ex_ms', 'rp_h', 'rp_col_h',
-                             'rp_col_ex_ms_lasso'})
+                             'rp_col_ex_ms_lasso', 'ti', 'rp_col_ti'})
     for path in FLAGFILES:
       config = parse(f'--flagfile={path}')
       self.assertEqual(config.trunk, 'resnet_v2_101', path)

@@ -51,8 +51,9 @@ def paper_seconds_per_example(task: str) -> Optional[float]:
 class TaskRun:
   """How one task takes part in a run (flags --<task>_<field>)."""
   config: tasks_lib.TaskConfig
-  data: str = base.field('synthetic', 'data source: synthetic, folder:/path or '
-                     'tfds:name[:split] (ms: synthetic or tfrecord:/dir)')
+  data: str = base.field(
+      'synthetic', 'data source: synthetic, folder:/path or tfds:name[:split] '
+      '(ms: synthetic or tfrecord:/dir; ti: synthetic or graph:/dir)')
   learning_rate: float = base.field(1e-3, 'RMSProp learning rate (constant, as in '
                                 'the paper)')
   step_cost: Optional[float] = base.field(

@@ -192,6 +192,22 @@ class VideoScene:
     hi = np.array([cw - w / 2, ch - h / 2])
     return _bounce(mover.start + mover.velocity * t, lo, hi)
 
+  def instance_map(self, t: float) -> np.ndarray:
+    """int32 [H, W]: 1 + the index of the mover covering more than half of
+    each pixel (the last drawn on top), 0 elsewhere. Object identities for
+    ground truth: mover i of clip (seed, index) is one instance, of class
+    `movers[i].cls`."""
+    size = (self.width, self.height)
+    cam = self.camera_matrix(t)
+    out = np.zeros((self.height, self.width), np.int32)
+    for i, mover in enumerate(self.movers):
+      x, y = self.mover_position(mover, t)
+      m = cam @ np.array([[1.0, 0.0, x], [0.0, 1.0, y], [0.0, 0.0, 1.0]])
+      alpha = cv2.warpAffine(mover.alpha, m, size, flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+      out[alpha > 0.5] = i + 1
+    return out
+
   def frame(self, t: float) -> Tuple[np.ndarray, np.ndarray]:
     """Frame t: (uint8 RGB [H, W, 3], bool [H, W] independently moving)."""
     size = (self.width, self.height)

@@ -120,6 +120,12 @@ class Task(abc.ABC):
     del features, labels, outputs
     return {}
 
+  def initialize_head(self, head, checkpoint_prefix: str) -> Optional[str]:
+    """Starts `head` from another task's head in a checkpoint that has none of
+    this task's; returns what was restored (for the log), or None."""
+    del head, checkpoint_prefix
+    return None
+
   def paper_head_gmacs(self, trunk_images: int) -> Optional[float]:
     """Forward G multiply-accumulates of the paper's head per example, fed
     `trunk_images` trunk outputs; None where the figure is unknown."""

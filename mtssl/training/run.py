@@ -199,6 +199,11 @@ class Run:
         tf.train.Checkpoint(heads={name: self.model.heads[name]}).read(
             prefix).expect_partial()
         restored.append(f'heads/{name}')
+      else:
+        # A task may start its head from another task's (ti from rp's units).
+        done = self.tasks[name].initialize_head(self.model.heads[name], prefix)
+        if done:
+          restored.append(done)
     logging.info('Initialized %s from %s.', ', '.join(restored), path)
 
   def step_cost(self, name, time_sum: float, time_count: int) -> Optional[float]:
