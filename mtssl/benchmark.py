@@ -54,6 +54,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app
 from absl import flags
 
+from mtssl.configs import base as config_base
 from mtssl.benchmarking import runner
 from mtssl.benchmarking.settings import BenchmarkError
 from mtssl.configs import benchmark as configs
@@ -81,18 +82,9 @@ def main(argv, flag_values=None) -> int:
   return 0
 
 
-def _parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr)
-    print('Pass --helpfull to see every flag.', file=sys.stderr)
-    sys.exit(EXIT_USAGE)
-
-
 def run():
   configs.define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=config_base.parse_command_line)
 
 
 if __name__ == '__main__':

@@ -65,18 +65,9 @@ def main(argv, flag_values=None) -> int:
   return 0
 
 
-def _parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr)
-    print('Pass --helpfull to see every flag.', file=sys.stderr)
-    sys.exit(EXIT_USAGE)
-
-
 def run():
   define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=config_base.parse_command_line)
 
 
 if __name__ == '__main__':

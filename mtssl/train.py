@@ -133,15 +133,6 @@ def config_from_flags(flag_values=FLAGS) -> configs.TrainConfig:
   return config
 
 
-def _parse_flags(argv):
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr)
-    print('Pass --helpfull to see every flag.', file=sys.stderr)
-    sys.exit(EXIT_USAGE)
-
-
 def _cluster_from_flags(config):
   """(resolver, plan) for a cluster run, or (None, None) on one machine."""
   plan = None
@@ -231,7 +222,7 @@ def main(argv):
 
 
 def run():
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=config_base.parse_command_line)
 
 
 if __name__ == '__main__':

@@ -315,7 +315,7 @@ class ExportTest(tf.test.TestCase):
               f'--export_base={self.base}', f'--model_name={MODEL}']
     cases = [
         (['--version=1'], 'already exists; pass --overwrite'),
-        (['--trunk=resnet_v2_7'], "Unknown --trunk 'resnet_v2_7'"),
+        (['--trunk=resnet_v2_7'], "--trunk: Unknown trunk 'resnet_v2_7'"),
         (['--output_stride=12'], '--output_stride=12'),
         (['--image_size=big'], '--image_size must be'),
         (['--model_name=a/b'], "Model name 'a/b'"),

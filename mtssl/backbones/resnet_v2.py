@@ -551,11 +551,22 @@ TRUNK_BLOCKS = {
 }
 
 
+def check_trunk(name: str, output_stride: Optional[int]) -> None:
+  """ValueError unless `name` is a known trunk that can have `output_stride`.
+
+  The message of an unknown name starts with "Unknown trunk"; otherwise it is
+  the stride planner's.
+  """
+  if name not in TRUNK_BLOCKS:
+    raise ValueError(f'Unknown trunk {name!r}; choose one of '
+                     f'{", ".join(sorted(TRUNK_BLOCKS))}.')
+  plan_units(TRUNK_BLOCKS[name](), output_stride)
+
+
 def trunk_from_name(name: str, output_stride: Optional[int] = 8,
                     **kwargs) -> ResNetV2:
   """A named trunk (see TRUNK_BLOCKS) with Slim scope `name`."""
   if name not in TRUNK_BLOCKS:
-    raise ValueError(f'Unknown trunk {name!r}; choose one of '
-                     f'{", ".join(sorted(TRUNK_BLOCKS))}.')
+    check_trunk(name, output_stride)
   return ResNetV2(TRUNK_BLOCKS[name](), output_stride=output_stride,
                   scope=name, **kwargs)

@@ -12,6 +12,7 @@ Typical use:
 """
 
 import dataclasses
+import sys
 import typing
 
 from absl import flags
@@ -143,3 +144,14 @@ def apply_flags(config, flag_values=flags.FLAGS, prefix: str = '', skip=()):
   """`config` (a dataclass instance) with every given flag applied."""
   return dataclasses.replace(
       config, **given_values(flag_values, prefix, type(config), skip))
+
+
+def parse_command_line(argv, flag_values=flags.FLAGS, exit_status: int = 2):
+  """Parses `argv` into `flag_values`; a bad flag prints one line naming it
+  and exits with `exit_status` (an entry point's absl flags_parser)."""
+  try:
+    return flag_values(argv)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+    print('Pass --helpfull to see every flag.', file=sys.stderr)
+    sys.exit(exit_status)

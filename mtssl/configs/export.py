@@ -50,11 +50,9 @@ class ExportConfig:
   def validate(self):
     """Checks the size, trunk and stride; ConfigError naming the flag."""
     self.serving_size()
-    if self.trunk not in resnet_v2.TRUNK_BLOCKS:
-      raise ConfigError(f'Unknown --trunk {self.trunk!r}; choose one of '
-                        f'{", ".join(sorted(resnet_v2.TRUNK_BLOCKS))}.')
     try:
-      resnet_v2.plan_units(resnet_v2.TRUNK_BLOCKS[self.trunk](),
-                           self.output_stride)
+      resnet_v2.check_trunk(self.trunk, self.output_stride)
     except ValueError as e:
+      if self.trunk not in resnet_v2.TRUNK_BLOCKS:
+        raise ConfigError(f'--trunk: {e}') from None
       raise ConfigError(f'--output_stride={self.output_stride}: {e}') from None

@@ -135,14 +135,12 @@ class TrainConfig:
                           f'{run.step_cost}.')
       if run.weight <= 0:
         raise ConfigError(f'{name}_weight must be positive, got {run.weight}.')
-    if self.trunk not in resnet_v2.TRUNK_BLOCKS:
-      raise ConfigError(f'trunk: unknown trunk {self.trunk!r}; choose one of '
-                        f'{", ".join(sorted(resnet_v2.TRUNK_BLOCKS))}.')
     try:
-      resnet_v2.plan_units(resnet_v2.TRUNK_BLOCKS[self.trunk](),
-                           self.output_stride)
+      resnet_v2.check_trunk(self.trunk, self.output_stride)
     except ValueError as e:
-      raise ConfigError(f'output_stride: {e}') from None
+      field = 'trunk' if self.trunk not in resnet_v2.TRUNK_BLOCKS else (
+          'output_stride')
+      raise ConfigError(f'{field}: {e}') from None
     if self.lasso and self.output_stride > 16:
       raise ConfigError('lasso needs output_stride 8 or 16 (all block-3 units '
                         'at one resolution).')

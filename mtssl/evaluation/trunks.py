@@ -81,13 +81,11 @@ def checkpoint_exists(path: str) -> bool:
 
 def validate_trunk_spec(spec: TrunkSpec) -> None:
   """Checks the trunk name, output stride and checkpoint path up front."""
-  if spec.name not in resnet_lib.TRUNK_BLOCKS:
-    raise TrunkLoadError(f'Unknown trunk {spec.name!r}; choose one of '
-                         f'{", ".join(sorted(resnet_lib.TRUNK_BLOCKS))}.')
   try:
-    resnet_lib.plan_units(resnet_lib.TRUNK_BLOCKS[spec.name](),
-                          spec.output_stride)
+    resnet_lib.check_trunk(spec.name, spec.output_stride)
   except ValueError as e:
+    if spec.name not in resnet_lib.TRUNK_BLOCKS:
+      raise TrunkLoadError(str(e)) from None
     raise TrunkLoadError(f'Trunk {spec.name}: {e}') from None
   if spec.init_checkpoint and not checkpoint_exists(spec.init_checkpoint):
     raise TrunkLoadError(
