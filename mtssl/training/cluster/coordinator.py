@@ -490,10 +490,13 @@ class DistributedTrainer:
       self._profiler.after_step(g)
       costs = self.costs()
       self._maybe_snapshot(sum(costs.values()))
-      if g % cfg.summary_every == 0:
-        self._write_distributed_scalars(costs, g)
-      if g % cfg.log_every == 0:
-        self._log_distributed(costs, g, start_global, start_time)
+      if g % cfg.summary_every == 0 or g % cfg.log_every == 0:
+        # Reading the metrics is a round trip to the parameter servers.
+        values = {n: self._window_metrics(n) for n in self.names}
+        if g % cfg.summary_every == 0:
+          self._write_distributed_scalars(values, costs, g)
+        if g % cfg.log_every == 0:
+          self._log_distributed(values, costs, g, start_global, start_time)
       if g % cfg.checkpoint_every == 0:
         checkpoint_path = self.save()
         saved_at = g
@@ -538,11 +541,11 @@ class DistributedTrainer:
       out['input_wait_fraction'] = w['input_s'] / w['seconds']
     return out
 
-  def _write_distributed_scalars(self, costs, g):
+  def _write_distributed_scalars(self, values, costs, g):
     with self.writer.as_default(step=g):
       for name in self.names:
         prefix = f'{name}/'
-        for key, value in self._window_metrics(name).items():
+        for key, value in values[name].items():
           tf.summary.scalar(prefix + key, value)
         tf.summary.scalar(prefix + 'steps', self._rounds[name])
         tf.summary.scalar(prefix + 'worker_steps', self._worker_steps[name])
@@ -550,17 +553,17 @@ class DistributedTrainer:
         tf.summary.scalar(prefix + 'cost_hours', costs[name])
       tf.summary.scalar('total/cost_hours', sum(costs.values()))
 
-  def _log_distributed(self, costs, g, start_global, start_time):
+  def _log_distributed(self, values, costs, g, start_global, start_time):
     cfg = self.config
     rate = (g - start_global) / max(time.time() - start_time, 1e-9)
     parts = []
     for name in self.names:
-      values = self._window_metrics(name)
-      if values:
-        speed = values.pop('examples_per_second')
-        wait = values.pop('input_wait_fraction', None)
-        text = ' '.join([f'loss {values.pop("loss"):.4g}'] +
-                        [f'{k} {v:.3g}' for k, v in values.items()] +
+      task_values = dict(values[name])
+      if task_values:
+        speed = task_values.pop('examples_per_second')
+        wait = task_values.pop('input_wait_fraction', None)
+        text = ' '.join([f'loss {task_values.pop("loss"):.4g}'] +
+                        [f'{k} {v:.3g}' for k, v in task_values.items()] +
                         [f'{speed:.1f} ex/s'] +
                         ([f'input {100 * wait:.0f}%'] if wait is not None
                          else []))
