@@ -15,6 +15,7 @@ from absl import logging
 from tensorflow.python.data.experimental.ops import testing as tf_data_testing  # pylint: disable=g-direct-tensorflow-import
 
 from mtssl.configs import training as configs
+from mtssl.training import monitoring
 from mtssl.training import run as run_lib
 from mtssl.training.cluster import plan as plan_lib
 from mtssl.training.cluster.closures import Closures
@@ -92,6 +93,7 @@ class DistributedTrainer:
       return self
     run = self.run
     run.prepare()
+    self.config_changes = monitoring.save_config(self.config)
     logging.info('Connecting to the cluster: %s', cluster_dict(self.resolver))
     self.strategy = tf.distribute.ParameterServerStrategy(self.resolver)
     self.coordinator = tf.distribute.coordinator.ClusterCoordinator(
@@ -228,18 +230,23 @@ class DistributedTrainer:
     _, n = tf.while_loop(keep_waiting, poll,
                          [tf.constant(0), round_var.read_value()])
 
-    def report(status, loss=0.0, position=-1, examples=0, seconds=0.0):
+    def report(status, loss=0.0, position=-1, examples=0, seconds=0.0,
+               input_seconds=0.0):
       return {'task': tf.constant(self.names.index(name), tf.int32),
               'worker': worker, 'rank': tf.cast(rank, tf.int32), 'round': n,
               'status': tf.constant(status, tf.int32),
               'loss': tf.cast(loss, tf.float32),
               'position': tf.cast(position, tf.int64),
               'examples': tf.cast(examples, tf.int32),
-              'seconds': tf.cast(seconds, tf.float64)}
+              'seconds': tf.cast(seconds, tf.float64),
+              'input_seconds': tf.cast(input_seconds, tf.float64)}
 
     def compute():
       start = tf.timestamp()
-      features, labels = next(iterator)
+      with tf.control_dependencies([start]):
+        features, labels = next(iterator)
+      with tf.control_dependencies(tf.nest.flatten((features, labels))):
+        input_seconds = tf.timestamp() - start
       result = step.compute_gradients(features, labels)
       grads = result['grads']
       self._has_grad[name] = [g is not None for g in grads]
@@ -253,6 +260,9 @@ class DistributedTrainer:
           tagged = tags.scatter_update(tf.IndexedSlices(tf.reshape(n, [1]),
                                                         index))
         with tf.control_dependencies([tagged]):
+          # The task's metrics (variables on the ps, read by the coordinator)
+          # count the batches that contribute.
+          task.update_metrics(step.metrics, labels, result['outputs'])
           return tf.constant(CONTRIBUTED)
 
       def drop():
@@ -264,7 +274,7 @@ class DistributedTrainer:
         seconds = tf.timestamp() - start
       out = report(0, result['loss'],
                    tf.reduce_max(features['index']) + 1,
-                   task.examples_in(features), seconds)
+                   task.examples_in(features), seconds, input_seconds)
       out['status'] = status
       return out
 
@@ -344,8 +354,14 @@ class DistributedTrainer:
 
   def train(self):
     """Runs until every task's --task_steps, --steps or --max_cost."""
-    with self._explained_failures():
-      return self._train()
+    # On a cluster --profile_steps traces the coordinator process.
+    self._profiler = monitoring.StepProfiler(self.config.profile_steps,
+                                             self.config.model_dir)
+    try:
+      with self._explained_failures():
+        return self._train()
+    finally:
+      self._profiler.stop()
 
   def _load_counters(self):
     """Python mirrors of the run state (reading a variable is an RPC)."""
@@ -365,6 +381,7 @@ class DistributedTrainer:
     self._contributed = {n: {} for n in names}
     self._consecutive_bad = collections.Counter()
     self._window = {n: collections.defaultdict(float) for n in names}
+    self._window_start = time.time()
     self._warm_workers = set()
     self._idle_workers = set()
     self._worker_log = collections.defaultdict(collections.Counter)
@@ -411,7 +428,8 @@ class DistributedTrainer:
       self._consecutive_bad[name] = 0
       self._contributed[name][rank] = {
           'loss': float(r['loss']), 'position': int(r['position']),
-          'examples': int(r['examples'])}
+          'examples': int(r['examples']), 'seconds': float(r['seconds']),
+          'input_seconds': float(r['input_seconds'])}
       if worker in self._warm_workers:  # a worker's first step warms up
         self._time_sum[name] += float(r['seconds'])
         self._time_count[name] += 1
@@ -434,6 +452,9 @@ class DistributedTrainer:
                                         info['position'])
       w['loss'] += info['loss']
       w['contributions'] += 1
+      w['examples'] += info['examples']
+      w['seconds'] += info['seconds']
+      w['input_s'] += info['input_seconds']
     self._contributed[name] = {}
 
   def _train(self):
@@ -457,6 +478,7 @@ class DistributedTrainer:
         traced = True
         for name in self.names:
           self._apply[name].get_concrete_function()
+      self._profiler.before_step(self._global + 1)
       report = closures.next(timeout=1.0)
       if report is None:
         continue
@@ -465,17 +487,22 @@ class DistributedTrainer:
       if self._global == before:
         continue
       g = self._global
+      self._profiler.after_step(g)
       costs = self.costs()
       self._maybe_snapshot(sum(costs.values()))
-      if g % cfg.summary_every == 0:
-        self._write_distributed_scalars(costs, g)
-      if g % cfg.log_every == 0:
-        self._log_distributed(costs, g, start_global, start_time)
+      if g % cfg.summary_every == 0 or g % cfg.log_every == 0:
+        # Reading the metrics is a round trip to the parameter servers.
+        values = {n: self._window_metrics(n) for n in self.names}
+        if g % cfg.summary_every == 0:
+          self._write_distributed_scalars(values, costs, g)
+        if g % cfg.log_every == 0:
+          self._log_distributed(values, costs, g, start_global, start_time)
       if g % cfg.checkpoint_every == 0:
         checkpoint_path = self.save()
         saved_at = g
     if self._stop_requested:
       logging.info('Stop requested: saving and ending.')
+    self._profiler.stop()
     # Releases the closures still waiting on the workers.
     self.stop_flag.assign(True)
     if saved_at != self._global:
@@ -499,33 +526,59 @@ class DistributedTrainer:
     logging.info('Done: %s', result)
     return result
 
-  def _write_distributed_scalars(self, costs, g):
+  def _window_metrics(self, name):
+    """The window's loss, the task's metrics, examples/s and input-wait share
+    ({} when no round of the task was applied since the last progress line)."""
+    w = self._window[name]
+    if not w['contributions']:
+      return {}
+    out = {'loss': w['loss'] / w['contributions']}
+    for key, value in self.run.steps[name].metric_results().items():
+      out.setdefault(key, value)  # the window's mean loss stays
+    elapsed = time.time() - self._window_start
+    out['examples_per_second'] = w['examples'] / max(elapsed, 1e-9)
+    if w['seconds']:
+      out['input_wait_fraction'] = w['input_s'] / w['seconds']
+    return out
+
+  def _write_distributed_scalars(self, values, costs, g):
     with self.writer.as_default(step=g):
       for name in self.names:
-        w = self._window[name]
         prefix = f'{name}/'
-        if w['contributions']:
-          tf.summary.scalar(prefix + 'loss', w['loss'] / w['contributions'])
+        for key, value in values[name].items():
+          tf.summary.scalar(prefix + key, value)
         tf.summary.scalar(prefix + 'steps', self._rounds[name])
         tf.summary.scalar(prefix + 'worker_steps', self._worker_steps[name])
+        tf.summary.scalar(prefix + 'skipped_steps', self._skipped[name])
         tf.summary.scalar(prefix + 'cost_hours', costs[name])
       tf.summary.scalar('total/cost_hours', sum(costs.values()))
 
-  def _log_distributed(self, costs, g, start_global, start_time):
+  def _log_distributed(self, values, costs, g, start_global, start_time):
     cfg = self.config
     rate = (g - start_global) / max(time.time() - start_time, 1e-9)
     parts = []
     for name in self.names:
-      w = self._window[name]
-      loss = (f'loss {w["loss"] / w["contributions"]:.4g}'
-              if w['contributions'] else 'loss -')
-      parts.append(f'{name} {self._rounds[name]} st {loss} '
+      task_values = dict(values[name])
+      if task_values:
+        speed = task_values.pop('examples_per_second')
+        wait = task_values.pop('input_wait_fraction', None)
+        text = ' '.join([f'loss {task_values.pop("loss"):.4g}'] +
+                        [f'{k} {v:.3g}' for k, v in task_values.items()] +
+                        [f'{speed:.1f} ex/s'] +
+                        ([f'input {100 * wait:.0f}%'] if wait is not None
+                         else []))
+        self.run.steps[name].reset_metrics()
+      else:
+        text = 'loss -'
+      skipped = (f' {self._skipped[name]} skipped' if self._skipped[name]
+                 else '')
+      parts.append(f'{name} {self._rounds[name]} st {text}{skipped} '
                    f'({self.plan.task_workers[name]} workers)')
-      w.clear()
+      self._window[name].clear()
+    self._window_start = time.time()
     total_cost = sum(costs.values())
     eta = (cfg.steps - g) / rate if cfg.steps is not None and rate > 0 else None
     target = f'{g}/{cfg.steps}' if cfg.steps is not None else f'{g}'
     logging.info('[%s] %s | %.2f rounds/s | cost %.4g h | eta %s', target,
                  ' | '.join(parts), rate, total_cost,
                  run_lib.format_duration(eta))
-
