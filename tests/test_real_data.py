@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from mtssl.configs import training as configs
 from mtssl.data import sources
+from mtssl.configs import evaluation as evaluation_config
 from mtssl.evaluation import factory
 from mtssl.motion import extraction
 from mtssl.motion import labels as labels_lib
@@ -202,12 +203,12 @@ class LinearProtocolTest(tf.test.TestCase):
     for name, photos in classes.items():
       paths += real_data.write_photos(os.path.join(root, 'data', name), photos)
     data = 'folder:' + os.path.join(root, 'data')
-    options = factory.EvaluationOptions(
-        model_dir=os.path.join(root, 'linear'), trunk='resnet_v2_small',
-        output_stride=8, image_size=(56, 56), resize_size=64, train_steps=4,
-        batch_size=4, eval_batch_size=10, data=data, eval_data=data,
-        log_every=2, checkpoint_every=1000)
-    report = factory.make_evaluation('linear', options).run()
+    config = evaluation_config.make_config(
+        'linear', model_dir=os.path.join(root, 'linear'),
+        trunk='resnet_v2_small', output_stride=8, image_size=56,
+        resize_size=64, train_steps=4, batch_size=4, eval_batch_size=10,
+        data=data, eval_data=data, log_every=2, checkpoint_every=1000)
+    report = factory.make_evaluation(config).run()
     self.assertEqual(report['steps'], 4)
     self.assertEqual(report['metrics']['num_examples'], len(paths))
     self.assertEqual(report['chance']['top1'], 50.0)
