@@ -1,7 +1,7 @@
-"""Benchmarks of the training steps and the input pipelines: `python -m mtssl.benchmark`.
+"""Benchmarks of the training steps and input pipelines: `python -m mtssl.benchmark`.
 
     python -m mtssl.benchmark                      # steps and pipelines
-    python -m mtssl.benchmark --what=steps --tasks=col --precisions=bf16 --xla=true
+    python -m mtssl.benchmark --what=steps --tasks=col --precisions=bf16
 
 Usage and the reported columns: README, "Performance"; the parts live in
 mtssl/benchmarking/.

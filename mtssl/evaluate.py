@@ -1,7 +1,7 @@
-"""Evaluates a pre-trained trunk the three ways of the paper (section 5): `python -m mtssl.evaluate`.
+"""Evaluates a pre-trained trunk the paper's three ways: `python -m mtssl.evaluate`.
 
-    python -m mtssl.evaluate linear --init_checkpoint=CKPT --model_dir=DIR --data=tfds:imagenet2012
-    python -m mtssl.evaluate depth --helpfull      # a protocol's flags and defaults
+    python -m mtssl.evaluate linear --init_checkpoint=CKPT --model_dir=DIR
+    python -m mtssl.evaluate depth --helpfull   # a protocol's flags, defaults
 
 Flags are generated from mtssl.configs.evaluation; usage, outputs and exit
 statuses: README, "Evaluating a trunk".

@@ -1,6 +1,6 @@
-"""Exports a trained trunk as a TF Serving feature extractor: `python -m mtssl.export`.
+"""Exports a trunk as a TF Serving feature extractor: `python -m mtssl.export`.
 
-    python -m mtssl.export --checkpoint=/runs/mt/ckpt --export_base=/models --model_name=mtssl
+    python -m mtssl.export --checkpoint=/runs/mt/ckpt --export_base=/models
 
 Flags are generated from mtssl.configs.export; usage: README, "Export".
 """

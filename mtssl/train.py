@@ -1,7 +1,7 @@
 """Multi-task self-supervised pre-training: `python -m mtssl.train`.
 
     python -m mtssl.train                          # CPU preset, rp+col
-    python -m mtssl.train --config=paper --tasks=rp,col,ex,ms --model_dir=/runs/mt
+    python -m mtssl.train --config=paper --tasks=rp,col,ex,ms
     python -m mtssl.train --flagfile=flags/rp_col.flags --model_dir=/runs/rp_col
 
 Flags are generated from mtssl.configs.training; on a cluster the same

@@ -1,4 +1,4 @@
-"""TF-Slim ResNet-v2 (pre-activation, bottleneck) as a tf_keras model, numerically identical to Slim's.
+"""TF-Slim ResNet-v2 (pre-activation, bottleneck) in tf_keras, identical to Slim's.
 
 The architecture is data: a list of `Block`s and one planning function,
 `plan_units`, that owns output stride and atrous rate. Calling the model
@@ -7,7 +7,7 @@ BUILD.md, "Trunk".
 
 Typical use:
 
-    trunk = paper_trunk(output_stride=8)            # resnet_v2_101 up to block 3
+    trunk = paper_trunk(output_stride=8)   # resnet_v2_101 up to block 3
     features = trunk(images)['resnet_v2_101/block3']  # 256x256 -> 32x32x1024
 """
 

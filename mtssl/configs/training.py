@@ -1,4 +1,4 @@
-"""Training configuration as code: the `TrainConfig` / `TaskRun` tree and two presets.
+"""Training configuration as code: the `TrainConfig` tree and two presets.
 
 `cpu` (the default) is the paper's structure at a size a 2-core CPU trains
 in minutes; `paper` is ResNet-v2-101 with the paper's heads, inputs and

@@ -7,8 +7,9 @@ identities, where the source has them, give each edge type's precision.
 Typical use:
 
     tracks = object_graph.synthetic_tracks(seed=0, num_clips=60)
-    graph = object_graph.build_graph(tracks, object_graph.color_hog_features,
-                                     GraphConfig(num_parents=6, min_parent_size=8))
+    graph = object_graph.build_graph(
+        tracks, object_graph.color_hog_features,
+        GraphConfig(num_parents=6, min_parent_size=8))
     object_graph.edge_precision(graph)  # against the generator's identities
 """
 

@@ -1,4 +1,4 @@
-"""Image sources shared by every task: `synthetic`, `folder:/path`, `tfds:NAME[:SPLIT]`.
+"""Image sources of every task: `synthetic`, `folder:/path`, `tfds:NAME[:SPLIT]`.
 
 A source is a position-addressed stream of RGB uint8 images (element k
 fixed by (seed, k)). Undecodable or converted images are counted by reason

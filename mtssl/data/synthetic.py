@@ -6,7 +6,7 @@ scene class. Why each part is there: BUILD.md, "Data".
 
 Typical use:
 
-    scene = render_scene(seed=0, index=7)        # scene.image, scene.depth, scene.boxes
+    scene = render_scene(seed=0, index=7)   # .image, .depth, .boxes, .label
     image = synthetic_image(seed=0, index=7)
 """
 

@@ -7,7 +7,7 @@ closed-form function of t. Design: BUILD.md, "Motion segmentation".
 
 Typical use:
 
-    clip = render_clip(seed=0, index=3, num_frames=12)   # clip.frames, clip.masks
+    clip = render_clip(seed=0, index=3, num_frames=12)  # .frames, .masks
 """
 
 import dataclasses

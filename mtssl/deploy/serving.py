@@ -1,4 +1,4 @@
-"""The trunk as a servable feature extractor: `FeatureExtractor`, a tf.Module with signatures.
+"""The trunk as a servable feature extractor (`FeatureExtractor`, a tf.Module).
 
 `serving_default` takes encoded images, `from_pixels` float RGB in [0, 255];
 both return `block3` and its adaptive 3x3 max-pool `pooled`. The module also

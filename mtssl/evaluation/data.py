@@ -1,4 +1,4 @@
-"""Labeled datasets of the evaluation protocols: built-in scenes, class folders, prepared TFDS.
+"""Labeled datasets of the evaluations: built-in scenes, class folders, TFDS.
 
 Examples are dicts with `index`, `image` and the kind's labels
 (classification `label`; depth `depth`; detection `boxes`, `classes`,

@@ -6,7 +6,7 @@ protocol".
 
 Typical use:
 
-    python -m mtssl.evaluate depth --init_checkpoint=CKPT --model_dir=DIR --data=tfds:nyu_depth_v2
+    python -m mtssl.evaluate depth --init_checkpoint=CKPT --model_dir=DIR
 """
 
 import dataclasses

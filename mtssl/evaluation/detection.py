@@ -1,4 +1,4 @@
-"""PASCAL VOC 2007 detection (paper section 5): Model Garden's Faster R-CNN on the trunk.
+"""PASCAL VOC 2007 detection (paper section 5): Faster R-CNN on the trunk.
 
 Holds `DetectionConfig`, `TrunkBackbone` (the trunk to block 3, or its lasso,
 as one pyramid level), `Block4BoxHead` (ResNet-v2 block 4 on each ROI), the
@@ -7,7 +7,7 @@ choices: BUILD.md, "Detection protocol".
 
 Typical use:
 
-    python -m mtssl.evaluate detection --init_checkpoint=CKPT --model_dir=DIR --data=tfds:voc/2007
+    python -m mtssl.evaluate detection --init_checkpoint=CKPT --model_dir=DIR
 """
 
 import dataclasses

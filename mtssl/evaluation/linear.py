@@ -6,7 +6,7 @@ BUILD.md, "Linear protocol".
 
 Typical use:
 
-    python -m mtssl.evaluate linear --init_checkpoint=CKPT --model_dir=DIR --data=tfds:imagenet2012
+    python -m mtssl.evaluate linear --init_checkpoint=CKPT --model_dir=DIR
 """
 
 import dataclasses

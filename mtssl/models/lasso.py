@@ -1,4 +1,4 @@
-"""Lasso combination of block-3 unit outputs (paper section 3.2, eq. 1): `UnitLasso`.
+"""`UnitLasso`: a lasso combination of block-3 units (paper section 3.2, eq. 1).
 
 A task's representation is sum_m alpha_m Unit_m with ||alpha||_2 = 1 and an
 L1 penalty on alpha. Choices: BUILD.md, "Lasso".

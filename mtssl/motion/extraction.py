@@ -1,4 +1,4 @@
-"""Extraction runs: a folder of videos -> sharded motion-label TFRecords, resumable.
+"""Extraction runs: a folder of videos -> motion-label TFRecord shards, resumable.
 
 The library behind tools/extract_motion_labels.py: videos go to worker
 processes (mtssl.motion.videos), the main process writes shards

@@ -1,4 +1,4 @@
-"""Motion-segmentation labels from video frames (paper section 2), numpy and OpenCV only.
+"""Motion-segmentation labels from video frames (paper section 2), no TensorFlow.
 
 `MotionLabeler` restates the camera-motion part of Improved Dense
 Trajectories: DIS flow, a RANSAC homography per frame pair, dense tracks over

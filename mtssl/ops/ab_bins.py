@@ -6,7 +6,7 @@ annealed-mean decoding. Choices: BUILD.md, "Colorization".
 
 Typical use:
 
-    indices, weights = soft_encode(ab)              # k = 5 nearest bins, sigma 5
+    indices, weights = soft_encode(ab)   # k = 5 nearest bins, sigma 5
     w = rebalancing_weights(load_prior(default_prior_path()))
     ab = annealed_mean(logits)                      # T = 0.38
 """

@@ -9,7 +9,8 @@ Pipelines are deterministic under (seed, stream position) and resume at
 Typical use:
 
     task = make_task('rp', batch_size=8)
-    dataset = task.make_dataset(task.make_source('synthetic'), 8, seed=0, start=0)
+    source = task.make_source('synthetic')
+    dataset = task.make_dataset(source, batch_size=8, seed=0, start=0)
 """
 
 import abc

@@ -7,8 +7,8 @@ Choices: BUILD.md, "Colorization".
 
 Typical use:
 
-    task = tasks.make_task('col')                  # paper defaults, built-in prior
-    rgb = colorize_images(model, images)           # a trained model, uint8 RGB in and out
+    task = tasks.make_task('col')          # paper defaults, built-in prior
+    rgb = colorize_images(model, images)   # a trained model; uint8 RGB
 """
 
 import dataclasses

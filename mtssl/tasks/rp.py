@@ -7,8 +7,9 @@ and the task. Choices: BUILD.md, "Relative position".
 
 Typical use:
 
-    task = tasks.make_task('rp', batch_size=8)        # harmonize=True: "RP/H"
-    features, labels = next(iter(task.make_dataset(task.make_source('synthetic'), 8, seed=0)))
+    task = tasks.make_task('rp', batch_size=8)   # harmonize=True: "RP/H"
+    dataset = task.make_dataset(task.make_source('synthetic'), 8, seed=0)
+    features, labels = next(iter(dataset))
 """
 
 import dataclasses
