@@ -8,7 +8,6 @@ not still exist when the interpreter shuts down.
 import numpy as np
 import tensorflow as tf
 
-from mtssl.backbones import resnet_v2
 from mtssl.data import sources
 from mtssl.training import core
 from mtssl.training import optimizers
@@ -101,9 +100,7 @@ def bottleneck_params(depth_in, depth, bottleneck, middle_kernel):
 
 
 def paper_trunk_features(task, patches_per_example):
-  """Block-3 features of the paper's trunk for one example of random
-  96x96 trunk inputs, through the task's trunk_images."""
-  trunk = resnet_v2.paper_trunk(output_stride=8)
-  features = {'patches': tf.random.uniform(
-      [1, patches_per_example, 96, 96, 3], -100, 100, seed=1)}
-  return trunk(task.trunk_images(features))[trunk.output_name]
+  """Stand-in block-3 features of the paper's trunk for one example of 96x96
+  patches: [patches, 12, 12, 1024] (the size test_resnet_v2 pins)."""
+  del task
+  return tf.random.normal([patches_per_example, 12, 12, 1024], seed=1)

@@ -82,6 +82,17 @@ def read_result(model_dir):
     return json.load(f)
 
 
+def event_scalars(model_dir):
+  """{tag: [value, ...]} of the scalars under <model_dir>/train."""
+  values = {}
+  for path in tf.io.gfile.glob(os.path.join(model_dir, 'train', 'events.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        values.setdefault(value.tag, []).append(
+            float(tf.make_ndarray(value.tensor)))
+  return values
+
+
 def checkpoint_task_steps(path):
   reader = tf.train.load_checkpoint(path)
   return {name: int(reader.get_tensor(
@@ -217,7 +228,8 @@ class ClusterTest(tf.test.TestCase):
   def test_training_survives_a_killed_worker(self):
     model_dir = os.path.join(self.get_temp_dir(), 'run')
     self.cluster.start_coordinator([f'--model_dir={model_dir}',
-                                    f'--task_steps={FIRST}:6,{SECOND}:14'])
+                                    f'--task_steps={FIRST}:6,{SECOND}:14',
+                                    '--summary_every=1'])
     self.wait_for_log(rf'\] {FIRST} 2 st')
     self.cluster.kill(local_cluster.WORKER, 1)  # FIRST's rank 1
     second = self.task_rounds(SECOND)
@@ -229,6 +241,24 @@ class ClusterTest(tf.test.TestCase):
     result = read_result(model_dir)
     self.assertEqual(result['task_steps'], {FIRST: 6, SECOND: 14})
     self.assertEqual(result['worker_steps'], {FIRST: 12, SECOND: 14})
+    # Every task's metrics, as its workers compute them, in the progress
+    # lines and as scalars.
+    log = self.coordinator_log()
+    scalars = event_scalars(model_dir)
+    for name, metrics in (('rp', ('accuracy',)),
+                          ('col', ('accuracy', 'cross_entropy', 'ab_error'))):
+      self.assertRegex(log, rf'{name} \d+ st loss \S+ ' +
+                       ''.join(rf'.*{m} \S+' for m in metrics) +
+                       r' [\d.]+ ex/s input \d+%', msg=log[-4000:])
+      for key in ('loss', 'examples_per_second', 'input_wait_fraction',
+                  'skipped_steps') + metrics:
+        self.assertIn(f'{name}/{key}', scalars, msg=sorted(scalars))
+      self.assertTrue(all(0 <= v <= 1 for v in
+                          scalars[f'{name}/input_wait_fraction']))
+      self.assertTrue(all(v > 0 for v in
+                          scalars[f'{name}/examples_per_second']))
+      self.assertTrue(all(0 <= v <= 1 for v in scalars[f'{name}/accuracy']))
+      self.assertEqual(scalars[f'{name}/skipped_steps'][-1], 0)
 
   def test_restarts_resume_from_the_last_checkpoint(self):
     model_dir = os.path.join(self.get_temp_dir(), 'run')

@@ -185,12 +185,11 @@ class MsTaskTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, 'output stride'):
       task.loss({'mask': tf.zeros([1, 4, 4, 1])}, tf.zeros([1, 2, 2, 1]))
 
-  def test_paper_head_on_resnet_v2_101(self):
+  def test_paper_head_at_stride_8(self):
     task = base.make_task('ms')
-    trunk = resnet_v2.paper_trunk(output_stride=8)
-    frame = tf.zeros([1, 240, 320, 3])
-    features = trunk(frame, training=False)[trunk.output_name]
-    self.assertEqual(features.shape, (1, 30, 40, 1024))
+    # ResNet-v2-101's block 3 on a 240x320 frame (size pinned in
+    # test_resnet_v2).
+    features = tf.random.normal([1, 30, 40, 1024], seed=1)
     head = task.build_head()
     logits = head(features, training=False)
     self.assertEqual(logits.shape, (1, 30, 40, 1))

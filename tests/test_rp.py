@@ -252,8 +252,8 @@ class HeadTest(tf.test.TestCase):
     self.assertEqual(logits.shape, (1, 8))
     self.assertEqual(head.patch_width, 4608)
     self.assertEqual(head.patch_features(trunk_out).shape, (2, 4608))
-    # Parameters, by the formula of the paper's head (section 3.4 and the
-    # module docstring of mtssl.tasks.heads): two strided 3x3 units, a
+    # Parameters, by the formula of the paper's head (section 3.4; widths:
+    # BUILD.md, "Head widths"): two strided 3x3 units, a
     # 9216 -> 4608 fully-connected unit with projection shortcut, two
     # 4608 -> 4608 ones, postnorm, 8 logits.
     units = [task_checks.bottleneck_params(1024, 1024, 128, 3),

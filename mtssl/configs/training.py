@@ -11,7 +11,7 @@ Typical use:
 """
 
 import dataclasses
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 from mtssl import tasks as tasks_lib
 from mtssl.configs import base
@@ -96,6 +96,9 @@ class TrainConfig:
   log_every: int = base.field(10, 'progress line every N steps')
   summary_every: int = base.field(50, 'TensorBoard scalars every N steps')
   image_summary_every: int = base.field(500, 'TensorBoard images every N steps')
+  profile_steps: Optional[Tuple[int, ...]] = base.field(
+      None, 'write a TensorBoard profile of global steps A to B into '
+      'model_dir, e.g. 20,30')
   deterministic: bool = base.field(False, 'enable TensorFlow op determinism '
                                '(bit-exact resume on CPU; slower)')
   tfds_data_dir: Optional[str] = base.field(None, 'TFDS data_dir for tfds: sources')
@@ -166,6 +169,12 @@ class TrainConfig:
                         f'{self.rmsprop_epsilon}.')
     if not self.model_dir:
       raise ConfigError('model_dir must be set.')
+    if self.profile_steps is not None and (
+        len(self.profile_steps) != 2 or not
+        1 <= self.profile_steps[0] <= self.profile_steps[1]):
+      raise ConfigError(
+          'profile_steps must be two global steps A,B with 1 <= A <= B, got '
+          f'{",".join(map(str, self.profile_steps))}.')
 
   def step_cost_from_paper(self, name: str) -> Optional[float]:
     """Device-hours per step of task `name` under the paper's accounting."""

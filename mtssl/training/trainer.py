@@ -15,6 +15,7 @@ from absl import logging
 
 from mtssl.configs import training as configs
 from mtssl.data import prefetch
+from mtssl.training import monitoring
 from mtssl.training import run as run_lib
 
 NonFiniteLossError = run_lib.NonFiniteLossError
@@ -63,6 +64,7 @@ class Trainer:
       return self
     cfg, run = self.config, self.run
     run.prepare()
+    self.config_changes = monitoring.save_config(cfg)
     with run.precision_policy():
       restore_status = run.create_model_and_state()
       first = {}
@@ -123,14 +125,24 @@ class Trainer:
       self.close_inputs()
 
   def _train(self):
+    profiler = monitoring.StepProfiler(self.config.profile_steps,
+                                       self.config.model_dir)
+    try:
+      return self._train_loop(profiler)
+    finally:
+      profiler.stop()
+
+  def _train_loop(self, profiler):
     cfg = self.config
     weights = [cfg.tasks[n].weight for n in self.names]
     consecutive_bad = collections.Counter()
     window = {n: collections.defaultdict(float) for n in self.names}
     start_time = time.time()
     start_step = int(self.state.global_step.numpy())
-    last_log_time = start_time
     checkpoint_path = self.run.resumed_from
+    saved_at = start_step if self.run.resumed_from else None
+    images = monitoring.ImageSchedule(self.names, cfg.image_summary_every,
+                                      start_step)
     if self.run.resumed_from:
       logging.info('Resuming from %s at global step %d.', self.run.resumed_from,
                    start_step)
@@ -140,6 +152,7 @@ class Trainer:
         break
       g = int(self.state.global_step.numpy())
       name = task_schedule(self.names, cfg.schedule, weights, cfg.seed, g)
+      profiler.before_step(g + 1)
       t0 = time.perf_counter()
       features, labels = self._next_batch(name)
       t1 = time.perf_counter()
@@ -173,24 +186,26 @@ class Trainer:
               f'(max_nonfinite_steps={cfg.max_nonfinite_steps}); stopping. The '
               f'last good checkpoint is {self.run.manager.latest_checkpoint}.')
       g += 1
+      profiler.after_step(g)
       costs = self.costs()
       total_cost = sum(costs.values())
       self.run.maybe_snapshot(total_cost)
       if g % cfg.summary_every == 0:
         self._write_scalars(window, costs, g)
-      if g % cfg.image_summary_every == 0 and finite:
+      if finite and images.due(name, g):
         self._write_images(name, features, labels, out['outputs'], g)
+        images.written(name, g)
       if g % cfg.log_every == 0:
-        now = time.time()
-        self._log_progress(window, costs, g, start_step, start_time, now)
-        last_log_time = now
+        self._log_progress(window, costs, g, start_step, start_time,
+                           time.time())
         for n in self.names:
           window[n].clear()
       if g % cfg.checkpoint_every == 0:
         checkpoint_path = self.save()
-    del last_log_time
+        saved_at = g
+    profiler.stop()
     g = int(self.state.global_step.numpy())
-    if g != start_step or checkpoint_path is None:
+    if saved_at != g:
       checkpoint_path = self.save()
     self.writer.flush()
     result = {
@@ -222,10 +237,15 @@ class Trainer:
         if w['step_s']:
           tf.summary.scalar(prefix + 'examples_per_second',
                             w['examples'] / (w['step_s'] + w['input_s']))
+          tf.summary.scalar(prefix + 'input_wait_fraction',
+                            w['input_s'] / (w['step_s'] + w['input_s']))
         tf.summary.scalar(prefix + 'steps', int(self.state.task_steps[name].numpy()))
+        tf.summary.scalar(prefix + 'skipped_steps',
+                          int(self.state.skipped_steps[name].numpy()))
         tf.summary.scalar(prefix + 'cost_hours', costs[name])
         for key, value in self.steps[name].metric_results().items():
-          tf.summary.scalar(prefix + key, value)
+          if key != 'loss':  # the window's mean loss above
+            tf.summary.scalar(prefix + key, value)
         for reason, count in self.sources[name].counter.problems().items():
           tf.summary.scalar(f'{prefix}data/{reason}', count)
       tf.summary.scalar('total/cost_hours', sum(costs.values()))
@@ -234,7 +254,8 @@ class Trainer:
     images = self.tasks[name].image_summaries(features, labels, outputs)
     with self.writer.as_default(step=g):
       for key, value in images.items():
-        tf.summary.image(f'{name}/{key}', value, max_outputs=4)
+        tf.summary.image(monitoring.summary_tag(name, key), value,
+                         max_outputs=4)
 
   def _log_progress(self, window, costs, g, start_step, start_time, now):
     cfg = self.config
@@ -247,10 +268,12 @@ class Trainer:
       metrics.pop('loss', None)
       metric_text = ' '.join(f'{k} {v:.3g}' for k, v in metrics.items())
       loss = f'loss {w["loss"] / w["steps"]:.4g}' if w['steps'] else 'loss -'
-      speed = (w['examples'] / (w['step_s'] + w['input_s'])
-               if w['step_s'] else 0.0)
+      busy = w['step_s'] + w['input_s']
+      speed = w['examples'] / busy if w['step_s'] else 0.0
+      wait = f'input {100 * w["input_s"] / busy:.0f}%' if busy else 'input -'
       parts.append(f'{name} {int(self.state.task_steps[name].numpy())} st '
-                   f'{loss} {metric_text} {speed:.1f} ex/s'.replace('  ', ' '))
+                   f'{loss} {metric_text} {speed:.1f} ex/s {wait}'
+                   .replace('  ', ' '))
       self.steps[name].reset_metrics()
     total_cost = sum(costs.values())
     eta = None

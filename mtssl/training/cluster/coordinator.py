@@ -15,18 +15,17 @@ from absl import logging
 from tensorflow.python.data.experimental.ops import testing as tf_data_testing  # pylint: disable=g-direct-tensorflow-import
 
 from mtssl.configs import training as configs
+from mtssl.training import monitoring
 from mtssl.training import run as run_lib
 from mtssl.training.cluster import plan as plan_lib
+from mtssl.training.cluster import rounds as rounds_lib
+from mtssl.training.cluster.rounds import CONTRIBUTED, IDLE, NONFINITE
 from mtssl.training.cluster.closures import Closures
 from mtssl.training.cluster import worker as cluster_worker
 from mtssl.training.cluster.plan import RESULT_FILE, cluster_dict
 from mtssl.utils import io_utils
 
-# Status of a work closure.
-CONTRIBUTED, WAITING, IDLE, NONFINITE = 0, 1, 2, 3
-
-POLL_SECONDS = 0.02        # in-graph poll interval of a waiting worker
-MAX_WAIT_SECONDS = 5.0     # longest a closure waits before reporting back
+POLL_SECONDS = rounds_lib.POLL_SECONDS
 
 class DistributedState(tf.Module):
   """Distributed-only counters saved with every checkpoint."""
@@ -92,6 +91,7 @@ class DistributedTrainer:
       return self
     run = self.run
     run.prepare()
+    self.config_changes = monitoring.save_config(self.config)
     logging.info('Connecting to the cluster: %s', cluster_dict(self.resolver))
     self.strategy = tf.distribute.ParameterServerStrategy(self.resolver)
     self.coordinator = tf.distribute.coordinator.ClusterCoordinator(
@@ -105,12 +105,13 @@ class DistributedTrainer:
       run.model.build_all({n: self._zero_features(n) for n in self.names})
       run.restore_or_initialize(restore_status)
       run.make_steps(restore_status)
-      self._make_accumulators()
+      self.rounds = rounds_lib.Rounds(run, self.plan, self.strategy,
+                                      self._task_table)
     logging.info('Built the model and its state on the parameter servers in '
                  '%.1f s.', time.time() - t0)
     self.writer = run.summary_writer()
-    self._work = tf.function(self._work_fn)
-    self._apply = {n: tf.function(functools.partial(self._apply_fn, n))
+    self._work = tf.function(self.rounds.work_fn)
+    self._apply = {n: tf.function(functools.partial(self.rounds.apply_fn, n))
                    for n in self.names}
     return self
 
@@ -169,131 +170,6 @@ class DistributedTrainer:
 
     return tf.nest.map_structure(zeros, features)
 
-  def _make_accumulators(self):
-    """Per task: [K] + v.shape rows next to each variable, and row tags."""
-    self.accumulators = {}
-    self.tags = {}
-    self._has_grad = {}
-    for name in self.names:
-      k = self.plan.task_workers[name]
-      accs = []
-      for v in self.run.steps[name].variables:
-        with self.strategy.extended.colocate_vars_with(v):
-          accs.append(tf.Variable(
-              lambda v=v: tf.zeros([k] + v.shape.as_list(), v.dtype),
-              trainable=False, name=f'accumulator_{name}'))
-      self.accumulators[name] = accs
-      with self.strategy.extended.colocate_vars_with(self.run.state.task_steps[name]):
-        self.tags[name] = tf.Variable(tf.fill([k], tf.constant(-1, tf.int64)),
-                                      trainable=False, name=f'tags_{name}')
-    self.stop_flag = tf.Variable(False, trainable=False, name='stop')
-
-  # Worker side ----------------------------------------------------------------
-  def _work_fn(self, ticks, *iterators):
-    worker = tf.cast(
-        tf.distribute.coordinator.experimental_get_current_worker_index(),
-        tf.int32)
-    branches = [functools.partial(self._task_branch, name, iterators[i], ticks,
-                                  worker)
-                for i, name in enumerate(self.names)]
-    return tf.switch_case(tf.gather(self._task_table, worker), branches)
-
-  def _task_branch(self, name, iterator, ticks, worker):
-    step = self.run.steps[name]
-    task = self.run.tasks[name]
-    ranks = [r if t == name else 0 for t, r in self.plan.assignments()]
-    rank = tf.gather(tf.constant(ranks, tf.int64), worker)
-    round_var = self.run.state.task_steps[name]
-    tags = self.tags[name]
-    target = self.plan.task_steps.get(name, -1)
-    own_tag = tf.gather(tags.read_value(), rank)
-    max_polls = int(MAX_WAIT_SECONDS / POLL_SECONDS)
-
-    def finished(n):
-      stop = self.stop_flag.read_value()
-      if target >= 0:
-        stop = tf.logical_or(stop, n >= target)
-      return stop
-
-    def keep_waiting(i, n):
-      return tf.logical_and(
-          tf.logical_and(tf.equal(own_tag, n), i < max_polls),
-          tf.logical_not(finished(n)))
-
-    def poll(i, n):
-      tick = next(ticks)
-      with tf.control_dependencies([tick]):
-        return i + 1, round_var.read_value()
-
-    _, n = tf.while_loop(keep_waiting, poll,
-                         [tf.constant(0), round_var.read_value()])
-
-    def report(status, loss=0.0, position=-1, examples=0, seconds=0.0):
-      return {'task': tf.constant(self.names.index(name), tf.int32),
-              'worker': worker, 'rank': tf.cast(rank, tf.int32), 'round': n,
-              'status': tf.constant(status, tf.int32),
-              'loss': tf.cast(loss, tf.float32),
-              'position': tf.cast(position, tf.int64),
-              'examples': tf.cast(examples, tf.int32),
-              'seconds': tf.cast(seconds, tf.float64)}
-
-    def compute():
-      start = tf.timestamp()
-      features, labels = next(iterator)
-      result = step.compute_gradients(features, labels)
-      grads = result['grads']
-      self._has_grad[name] = [g is not None for g in grads]
-
-      def write():
-        index = tf.reshape(rank, [1])
-        writes = [acc.scatter_update(tf.IndexedSlices(g[tf.newaxis], index))
-                  for acc, g in zip(self.accumulators[name], grads)
-                  if g is not None]
-        with tf.control_dependencies(writes):
-          tagged = tags.scatter_update(tf.IndexedSlices(tf.reshape(n, [1]),
-                                                        index))
-        with tf.control_dependencies([tagged]):
-          return tf.constant(CONTRIBUTED)
-
-      def drop():
-        step.restore_moving_statistics(result['saved_moving'])
-        return tf.constant(NONFINITE)
-
-      status = tf.cond(result['finite'], write, drop)
-      with tf.control_dependencies([status]):
-        seconds = tf.timestamp() - start
-      out = report(0, result['loss'],
-                   tf.reduce_max(features['index']) + 1,
-                   task.examples_in(features), seconds)
-      out['status'] = status
-      return out
-
-    return tf.cond(
-        finished(n), lambda: report(IDLE),
-        lambda: tf.cond(tf.equal(own_tag, n), lambda: report(WAITING), compute))
-
-  # Coordinator side -----------------------------------------------------------
-  def _apply_fn(self, name):
-    """Applies task `name`'s round: mean of the rows, then round += 1."""
-    pairs = [(acc, v) for acc, v, has in zip(self.accumulators[name],
-                                             self.run.steps[name].variables,
-                                             self._has_grad[name]) if has]
-    optimizer = self.run.optimizers[name]
-
-    def replica_fn():
-      grads_and_vars = []
-      for acc, v in pairs:
-        with tf.device(acc.device):
-          grads_and_vars.append((tf.reduce_mean(acc, axis=0), v))
-      applied = optimizer.apply_gradients(grads_and_vars)
-      with tf.control_dependencies([applied]):
-        return tf.constant(True)
-
-    done = self.strategy.run(replica_fn)
-    with tf.control_dependencies([done]):
-      self.run.state.task_steps[name].assign_add(1)
-      self.run.state.global_step.assign_add(1)
-
   def step_cost(self, name) -> Optional[float]:
     """Device-hours per worker step of task `name` (None until measured)."""
     return self.run.step_cost(name, self._time_sum[name],
@@ -344,8 +220,14 @@ class DistributedTrainer:
 
   def train(self):
     """Runs until every task's --task_steps, --steps or --max_cost."""
-    with self._explained_failures():
-      return self._train()
+    # On a cluster --profile_steps traces the coordinator process.
+    self._profiler = monitoring.StepProfiler(self.config.profile_steps,
+                                             self.config.model_dir)
+    try:
+      with self._explained_failures():
+        return self._train()
+    finally:
+      self._profiler.stop()
 
   def _load_counters(self):
     """Python mirrors of the run state (reading a variable is an RPC)."""
@@ -365,6 +247,7 @@ class DistributedTrainer:
     self._contributed = {n: {} for n in names}
     self._consecutive_bad = collections.Counter()
     self._window = {n: collections.defaultdict(float) for n in names}
+    self._window_start = time.time()
     self._warm_workers = set()
     self._idle_workers = set()
     self._worker_log = collections.defaultdict(collections.Counter)
@@ -411,7 +294,8 @@ class DistributedTrainer:
       self._consecutive_bad[name] = 0
       self._contributed[name][rank] = {
           'loss': float(r['loss']), 'position': int(r['position']),
-          'examples': int(r['examples'])}
+          'examples': int(r['examples']), 'seconds': float(r['seconds']),
+          'input_seconds': float(r['input_seconds'])}
       if worker in self._warm_workers:  # a worker's first step warms up
         self._time_sum[name] += float(r['seconds'])
         self._time_count[name] += 1
@@ -434,6 +318,9 @@ class DistributedTrainer:
                                         info['position'])
       w['loss'] += info['loss']
       w['contributions'] += 1
+      w['examples'] += info['examples']
+      w['seconds'] += info['seconds']
+      w['input_s'] += info['input_seconds']
     self._contributed[name] = {}
 
   def _train(self):
@@ -457,6 +344,7 @@ class DistributedTrainer:
         traced = True
         for name in self.names:
           self._apply[name].get_concrete_function()
+      self._profiler.before_step(self._global + 1)
       report = closures.next(timeout=1.0)
       if report is None:
         continue
@@ -465,19 +353,24 @@ class DistributedTrainer:
       if self._global == before:
         continue
       g = self._global
+      self._profiler.after_step(g)
       costs = self.costs()
       self._maybe_snapshot(sum(costs.values()))
-      if g % cfg.summary_every == 0:
-        self._write_distributed_scalars(costs, g)
-      if g % cfg.log_every == 0:
-        self._log_distributed(costs, g, start_global, start_time)
+      if g % cfg.summary_every == 0 or g % cfg.log_every == 0:
+        # Reading the metrics is a round trip to the parameter servers.
+        values = {n: self._window_metrics(n) for n in self.names}
+        if g % cfg.summary_every == 0:
+          self._write_distributed_scalars(values, costs, g)
+        if g % cfg.log_every == 0:
+          self._log_distributed(values, costs, g, start_global, start_time)
       if g % cfg.checkpoint_every == 0:
         checkpoint_path = self.save()
         saved_at = g
     if self._stop_requested:
       logging.info('Stop requested: saving and ending.')
+    self._profiler.stop()
     # Releases the closures still waiting on the workers.
-    self.stop_flag.assign(True)
+    self.rounds.stop_flag.assign(True)
     if saved_at != self._global:
       checkpoint_path = self.save()
     self.writer.flush()
@@ -499,33 +392,59 @@ class DistributedTrainer:
     logging.info('Done: %s', result)
     return result
 
-  def _write_distributed_scalars(self, costs, g):
+  def _window_metrics(self, name):
+    """The window's loss, the task's metrics, examples/s and input-wait share
+    ({} when no round of the task was applied since the last progress line)."""
+    w = self._window[name]
+    if not w['contributions']:
+      return {}
+    out = {'loss': w['loss'] / w['contributions']}
+    for key, value in self.run.steps[name].metric_results().items():
+      out.setdefault(key, value)  # the window's mean loss stays
+    elapsed = time.time() - self._window_start
+    out['examples_per_second'] = w['examples'] / max(elapsed, 1e-9)
+    if w['seconds']:
+      out['input_wait_fraction'] = w['input_s'] / w['seconds']
+    return out
+
+  def _write_distributed_scalars(self, values, costs, g):
     with self.writer.as_default(step=g):
       for name in self.names:
-        w = self._window[name]
         prefix = f'{name}/'
-        if w['contributions']:
-          tf.summary.scalar(prefix + 'loss', w['loss'] / w['contributions'])
+        for key, value in values[name].items():
+          tf.summary.scalar(prefix + key, value)
         tf.summary.scalar(prefix + 'steps', self._rounds[name])
         tf.summary.scalar(prefix + 'worker_steps', self._worker_steps[name])
+        tf.summary.scalar(prefix + 'skipped_steps', self._skipped[name])
         tf.summary.scalar(prefix + 'cost_hours', costs[name])
       tf.summary.scalar('total/cost_hours', sum(costs.values()))
 
-  def _log_distributed(self, costs, g, start_global, start_time):
+  def _log_distributed(self, values, costs, g, start_global, start_time):
     cfg = self.config
     rate = (g - start_global) / max(time.time() - start_time, 1e-9)
     parts = []
     for name in self.names:
-      w = self._window[name]
-      loss = (f'loss {w["loss"] / w["contributions"]:.4g}'
-              if w['contributions'] else 'loss -')
-      parts.append(f'{name} {self._rounds[name]} st {loss} '
+      task_values = dict(values[name])
+      if task_values:
+        speed = task_values.pop('examples_per_second')
+        wait = task_values.pop('input_wait_fraction', None)
+        text = ' '.join([f'loss {task_values.pop("loss"):.4g}'] +
+                        [f'{k} {v:.3g}' for k, v in task_values.items()] +
+                        [f'{speed:.1f} ex/s'] +
+                        ([f'input {100 * wait:.0f}%'] if wait is not None
+                         else []))
+        self.run.steps[name].reset_metrics()
+      else:
+        text = 'loss -'
+      skipped = (f' {self._skipped[name]} skipped' if self._skipped[name]
+                 else '')
+      parts.append(f'{name} {self._rounds[name]} st {text}{skipped} '
                    f'({self.plan.task_workers[name]} workers)')
-      w.clear()
+      self._window[name].clear()
+    self._window_start = time.time()
     total_cost = sum(costs.values())
     eta = (cfg.steps - g) / rate if cfg.steps is not None and rate > 0 else None
     target = f'{g}/{cfg.steps}' if cfg.steps is not None else f'{g}'
     logging.info('[%s] %s | %.2f rounds/s | cost %.4g h | eta %s', target,
                  ' | '.join(parts), rate, total_cost,
                  run_lib.format_duration(eta))
-
