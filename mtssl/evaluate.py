@@ -1,23 +1,10 @@
-r"""Evaluates a pre-trained trunk the three ways of the paper (section 5).
+"""Evaluates a pre-trained trunk the paper's three ways: `python -m mtssl.evaluate`.
 
-  python -m mtssl.evaluate linear    --init_checkpoint=CKPT --model_dir=DIR \
-      --data=tfds:imagenet2012
-  python -m mtssl.evaluate depth     --init_checkpoint=CKPT --model_dir=DIR \
-      --data=tfds:nyu_depth_v2
-  python -m mtssl.evaluate detection --init_checkpoint=CKPT --model_dir=DIR \
-      --data=tfds:voc/2007
+    python -m mtssl.evaluate linear --init_checkpoint=CKPT --model_dir=DIR
+    python -m mtssl.evaluate depth --helpfull   # a protocol's flags, defaults
 
-The first argument names the protocol (mtssl.evaluation.registry); its flags
-are generated from its configuration tree (mtssl/configs/evaluation.py) and
-default to the protocol's paper-scale run: `python -m mtssl.evaluate linear
---helpfull` lists them with their defaults.
-
-Without --init_checkpoint the trunk is randomly initialised (the paper's
-random-init baseline); without --data the built-in synthetic scenes are used.
-The run writes checkpoints, TensorBoard summaries (`DIR/train`, `DIR/eval`)
-and `DIR/<protocol>_metrics.json`, and prints the row of the paper's table
-that the metrics fill. Exit status 2: a flag, the checkpoint or the data is
-unusable; the message says which and why.
+Flags are generated from mtssl.configs.evaluation; usage, outputs and exit
+statuses: README, "Evaluating a trunk".
 """
 
 import sys

@@ -1,13 +1,8 @@
-r"""Exports a trained trunk as a TF Serving feature extractor (SavedModel).
+"""Exports a trunk as a TF Serving feature extractor: `python -m mtssl.export`.
 
-  python -m mtssl.export --checkpoint=/runs/mt/ckpt --trunk=resnet_v2_101 \
-      --output_stride=8 --export_base=/models --model_name=mtssl
+    python -m mtssl.export --checkpoint=/runs/mt/ckpt --export_base=/models
 
-writes `<export_base>/<model_name>/<version>/` in TF Serving's layout
-(mtssl.deploy.saved_model). Flags are generated from
-mtssl.configs.export.ExportConfig and validated before anything is built; a
-bad flag, a missing or mismatched checkpoint or an existing version ends the
-run with a one-line `error: ...` and exit status 2, and nothing is written.
+Flags are generated from mtssl.configs.export; usage: README, "Export".
 """
 
 import dataclasses

@@ -1,29 +1,12 @@
-r"""Multi-task self-supervised pre-training: `python -m mtssl.train`.
+"""Multi-task self-supervised pre-training: `python -m mtssl.train`.
 
-  python -m mtssl.train                          # CPU-sized default run, rp+col
-  python -m mtssl.train --tasks=rp,col,ex,ms --steps=2000
-  python -m mtssl.train --flagfile=flags/rp_col.flags --model_dir=/runs/rp_col
+    python -m mtssl.train                          # CPU preset, rp+col
+    python -m mtssl.train --config=paper --tasks=rp,col,ex,ms
+    python -m mtssl.train --flagfile=flags/rp_col.flags --model_dir=/runs/rp_col
 
-`--config` picks a preset from mtssl/configs.py (`cpu`, the default, or
-`paper`); every other flag overrides one field of it. Flags are generated once
-from the configuration dataclasses: global ones from `TrainConfig`
-(`--steps`, `--mixed_precision`, ...) and per task from `TaskRun` and the
-task's own config (`--rp_data`, `--rp_learning_rate`, `--rp_batch_size`,
-`--col_<field>`, ...). `--helpfull` lists them all.
-
-Flags and data sources are validated before any work: a bad value prints one
-line naming it and exits with status 2. A run whose loss stays non-finite ends
-with status 3; SIGINT/SIGTERM end the run after the current step with a
-checkpoint (status 130 / 143).
-
-On a cluster (TF_CONFIG describing one, or `--cluster_resolver=slurm`) the
-same command runs in every process and the process's task type picks its role
-(mtssl/training/cluster/): the `chief` coordinates and checkpoints,
-`ps` and `worker` serve; `--task_workers=rp:2,col:1` says which workers train
-which task. A lost parameter server ends the coordinator with status 4.
-
-  TF_CONFIG='{"cluster": {...}, "task": {"type": "worker", "index": 0}}' \
-      python -m mtssl.train --tasks=rp,col --task_workers=rp:2,col:1 ...
+Flags are generated from mtssl.configs.training; on a cluster the same
+command runs in every process (mtssl/training/cluster/). Flags, exit
+statuses and cluster use: README, "Training" and "Training on a cluster".
 """
 
 import dataclasses

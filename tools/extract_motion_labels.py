@@ -7,8 +7,8 @@ Every video below --videos (mp4, avi, webm, mkv, mov, ... anything OpenCV
 reads) is decoded, its frames resized to 240x320, and every --frame_step-th
 frame labelled with the pixels that move independently of the camera over
 the next 10 frames (mtssl/motion/labels.py). Accepted frames are written as
-`shard-NNNNN.tfrecord` (schema in mtssl/motion/records.py), which the ms
-task reads with `--ms_source=tfrecord:/data/ms_labels`.
+`shard-NNNNN.tfrecord` (schema in mtssl/data/motion_records.py), which the ms
+task reads with `--ms_data=tfrecord:/data/ms_labels`.
 
 Videos are processed in parallel (--workers, all cores by default) with a
 progress line. An interrupted run resumes where it stopped when started

@@ -1,49 +1,14 @@
-"""TF-Slim ResNet-v2 (pre-activation, bottleneck) as a tf_keras model.
+"""TF-Slim ResNet-v2 (pre-activation, bottleneck) in tf_keras, identical to Slim's.
 
-This is a re-statement of `tf_slim.nets.resnet_v2` / `resnet_utils` in tf_keras
-that is numerically identical to it (tests/test_resnet_v2_parity.py checks that
-against tf_slim built in graph mode). The architecture is data: a list of
-`Block(scope, base_depth, num_units, stride)` and one planning function,
-`plan_units`, that owns the output-stride / atrous-rate bookkeeping.
+The architecture is data: a list of `Block`s and one planning function,
+`plan_units`, that owns output stride and atrous rate. Calling the model
+returns its end points under their Slim names. Slim conventions and parity:
+BUILD.md, "Trunk".
 
-Slim conventions reproduced here:
+Typical use:
 
-* A block's stride sits on its LAST unit.
-* Root: `conv1` 7x7/2 with bias, no batch norm, no activation, through
-  `conv2d_same` (explicit symmetric padding), then a 3x3/2 max-pool with SAME
-  padding.
-* Bottleneck unit: `preact` = BN+ReLU(input); shortcut = subsample(input) when
-  the depth does not change, else a 1x1 conv of `preact` with bias; residual =
-  1x1 conv+BN+ReLU -> 3x3 `conv2d_same`(stride, rate)+BN+ReLU -> 1x1 conv with
-  bias; output = shortcut + residual.
-* `conv2d_same`: stride 1 is an ordinary SAME (dilated) convolution; stride > 1
-  pads explicitly (pad_beg = (k_eff - 1) // 2) and runs a VALID convolution.
-  Keras' own 'same' padding with stride 2 pads asymmetrically and is NOT used.
-* Output stride: once the accumulated stride equals the requested output
-  stride, every later unit runs with stride 1 and the atrous rate is multiplied
-  by the stride the unit would have had.
-* `postnorm` (BN+ReLU) follows only the last block of the full network; the
-  paper's trunk stops at block 3, whose end point is the raw residual sum.
-* Regularisation and initialisation of the Slim arg scope: L2 weight decay 1e-4
-  on conv kernels in Slim's form `1e-4 * sum(w**2) / 2`, batch norm decay 0.997
-  and epsilon 1e-5 with scale and center, truncated-normal variance scaling
-  with Slim's `stddev = sqrt(1.3 * 2 / fan_in)`.
-
-Atrous convolutions (`native_atrous`). tf_keras' Conv2D runs a dilated
-convolution through `tf.nn.convolution`, which outside TPUs rewrites it as
-SpaceToBatchND -> Conv2D -> BatchToSpaceND: the default, the form the tf_slim
-parity test checks. With `native_atrous=True` the dilated 3x3 convolutions
-call `tf.nn.conv2d(..., dilations=rate)` instead: one Conv2D op, which cuDNN
-and XLA run natively without the space/batch shuffles. Both compute the same
-function (tests/test_optimizations.py). TensorFlow's plain CPU kernels have no
-gradient for dilated Conv2D ops, so on a CPU the native form trains only
-under XLA (`jit_compile`); the default stays the portable form.
-
-Calling the model returns an ordered dict of end points keyed by their Slim
-names, e.g. `resnet_v2_101/block3` and
-`resnet_v2_101/block3/unit_23/bottleneck_v2`; `output_name` is the key of the
-last end point. `slim_variables()` maps every Slim variable name to the Keras
-variable that holds it, which is what checkpoint conversion uses.
+    trunk = paper_trunk(output_stride=8)   # resnet_v2_101 up to block 3
+    features = trunk(images)['resnet_v2_101/block3']  # 256x256 -> 32x32x1024
 """
 
 import collections

@@ -1,17 +1,11 @@
-"""Loading TF-Slim ResNet-v2 checkpoints into the Keras trunk.
+"""TF-Slim ResNet-v2 checkpoints into the Keras trunk; converted checkpoints.
 
-A Slim checkpoint is read with `tf.train.load_checkpoint` (no TF1 graph is
-built). Every variable of the trunk is looked up under its Slim name
-(`ResNetV2.slim_variables()`), so the checkpoint may hold more than the trunk
-uses (block 4, `postnorm`, logits, optimizer slots, `global_step`): those are
-reported as unused, never silently dropped. Nothing is assigned unless every
-trunk variable is present with the right shape, and the errors name the
-variables and shapes involved.
-
-The converted checkpoint is a TF2 object checkpoint of
-`tf.train.Checkpoint(backbone=trunk)`, the key Model Garden restores with
-`init_checkpoint_modules: backbone` and that the trainer's `--init_checkpoint`
-accepts.
+Every trunk variable is looked up under its Slim name
+(`ResNetV2.slim_variables()`); checkpoint variables the trunk does not use
+are reported, and nothing is assigned unless every trunk variable is present
+with the right shape. Converted checkpoints are
+`tf.train.Checkpoint(backbone=trunk)`. Usage: README, "Importing a TF-Slim
+checkpoint".
 """
 
 import collections

@@ -1,40 +1,10 @@
-"""Every task's preprocessing written the straightforward way: per image, NumPy/OpenCV.
+"""Every task's preprocessing written per image with NumPy/OpenCV.
 
-The tasks' tf.data pipelines (mtssl/tasks/*.py) are the implementation that
-training uses. This module restates each of them one image at a time with
-NumPy and OpenCV, the way one would write it without TensorFlow, for two
-purposes:
-
-* the baseline of the pipeline benchmark (`measure`;
-  mtssl/benchmarking/pipelines.py reports the TF pipelines' speed per core
-  against it), and
-* an independent oracle (tests/test_optimizations.py): given the same random
-  draws, a task's pipeline and its reference here produce the same example
-  within a tolerance.
-
-So that the two can be compared, a reference takes the example's random
-draws as an argument instead of drawing them itself. `<task>_draws(...)`
-reads the draws the TF pipeline makes for (seed, stream position) through the
-task's own stateless draw functions; `sample_<task>(rng, ...)` draws
-equivalent values with a NumPy generator, for the benchmark.
-
-Operations and where they come from:
-
-* Antialiased bilinear resizing (rp, col, ex and, when sizes differ, ms) is
-  TensorFlow's: a triangle kernel widened by the downscaling factor
-  (ScaleAndTranslate, which tf.image.resize(antialias=True) runs).
-  OpenCV has no such filter (INTER_AREA is a box filter, INTER_LINEAR
-  does not widen its kernel when shrinking), so `resize_antialiased`
-  computes it with NumPy from the kernel's span weights.
-* Lab (col, harmonized rp): the textbook sRGB -> XYZ -> Lab formula in
-  NumPy, as mtssl.ops.color states it. (OpenCV's float conversion
-  interpolates the sRGB curve from a table and is up to 0.2 L and 0.3 ab
-  units off the formula, too far for an oracle.)
-* Affine views (ex): cv2.warpAffine with WARP_INVERSE_MAP, bilinear,
-  BORDER_REFLECT, which reflects like TensorFlow's REFLECT fill mode;
-  OpenCV interpolates with 1/32-pixel fixed-point weights.
-* HSV (ex): cv2.cvtColor(COLOR_RGB2HSV / COLOR_HSV2RGB) on float images.
-* Soft encoding (col): distances to all 313 bins and a stable sort per image.
+The baseline of the pipeline benchmark and an independent oracle for the
+tasks' tf.data pipelines (tests/test_optimizations.py): a reference takes
+the example's random draws (`<task>_draws`, read from the task's own
+stateless draws, or `sample_<task>` from a NumPy generator) and returns the
+same example. Choices: BUILD.md, "Performance".
 """
 
 import resource

@@ -1,20 +1,13 @@
 """Evaluation configuration as code: one dataclass tree per protocol.
 
-`EvaluationConfig` describes a whole evaluation run:
+`EvaluationConfig` = `run` (RunConfig), `trunk` (TrunkConfig), `inputs`
+(DataConfig) and the protocol's own config; `default_config(protocol)` is
+its paper-scale run. Field names are unique in a tree, so fields and flags
+use bare names.
 
-* `run` (`RunConfig`): what the runner shares across protocols (steps,
-  batches, optimizer, schedule, checkpoints, output directory);
-* `trunk` (`TrunkConfig`): the trunk preset, its output stride and weights;
-* `inputs` (`DataConfig`): training and evaluation data;
-* `protocol_config`: the protocol's own dataclass (`LinearConfig`,
-  `DepthConfig`, `DetectionConfig`, in the protocol's module).
+Typical use:
 
-`default_config(protocol)` is the paper-scale run of a registered protocol
-(its class's `run_defaults` / `trunk_defaults` over the generic ones).
-Field names are unique across the tree, so a field is set by its bare name:
-`make_config('linear', train_steps=10, image_size=56)`, and the flags of
-`python -m mtssl.evaluate PROTOCOL` are `--<field>` (`define_flags`,
-`from_flags`).
+    config = make_config('linear', train_steps=10, image_size=56)
 """
 
 import dataclasses

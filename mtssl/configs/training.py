@@ -1,27 +1,13 @@
-"""Training configuration as code: one dataclass tree, two presets.
+"""Training configuration as code: the `TrainConfig` tree and two presets.
 
-`TrainConfig` describes a whole pre-training run. Two presets build it:
+`cpu` (the default) is the paper's structure at a size a 2-core CPU trains
+in minutes; `paper` is ResNet-v2-101 with the paper's heads, inputs and
+compute accounting. Flags (mtssl.configs.base) override fields of a preset.
 
-* `cpu` (the default of `python -m mtssl.train`): the paper's structure
-  (ResNet-v2 trunk to block 3 at output stride 8, the paper's input sizes,
-  one head and one RMSProp per task) at a size a 2-core CPU trains in
-  minutes: the `resnet_v2_small` trunk and narrow heads, on the built-in
-  synthetic data.
-* `paper`: ResNet-v2-101 at output stride 8, the paper's heads, input sizes
-  and compute accounting (16.8 K K40 GPU-hours, a snapshot every 2.4 K).
+Typical use:
 
-Command-line flags (mtssl/train.py) and the experiment flagfiles in flags/
-override fields of a preset; they are not a second configuration system.
-
-Compute accounting (paper section 6.1): a step of task t costs a constant
-c_t, the run's cost is sum_t steps_t * c_t, and a snapshot checkpoint is kept
-each time the total crosses a multiple of `snapshot_cost`. c_t is either
-measured (the mean wall time of the task's steps in this run, excluding the
-first, compiling step) or taken from the paper: one ImageNet epoch costs
-350 / 90 / 60 K40 GPU-hours for rp / col / ex (1,281,167 images), i.e.
-0.983 / 0.253 / 0.169 K40 GPU-seconds per example. The paper gives no
-per-example figure for ms (400 GPU-hours per epoch of an unpublished video
-set), so ms needs a measured or flag-given cost.
+    config = cpu_config(['rp', 'col'])
+    config = paper_config(['rp', 'col', 'ex', 'ms'])
 """
 
 import dataclasses

@@ -1,22 +1,9 @@
 """The object graph on disk: sharded TFRecords with random access to nodes.
 
-A graph directory holds
-
-  nodes-NNNNN.tfrecord   one tf.train.Example per node, in node order:
-                         node (int64), patch (PNG bytes, RGB)
-  table-NNNNN.tfrecord   the node table in chunks of columns: first (int64,
-                         the node of the chunk's first row), track, role,
-                         parent, identity, category (int64 lists)
-  edges-NNNNN.tfrecord   the edges in chunks: a, b, type (int64 lists)
-  summary.json           counts of nodes, tracks, parents, child clusters,
-                         each edge type and every rejection reason
-
-Every file is written under a temporary name and renamed into place, and the
-whole directory is assembled in a temporary directory first, so a graph
-directory that exists is complete. Reading loads the table and the edges
-into memory and fetches a node's patch by its record offset
-(`mtssl.motion.records.index_records`), so the training pipeline addresses
-any node without reading the others.
+A graph directory holds `nodes-*.tfrecord` (patches), `table-*.tfrecord`
+(node table), `edges-*.tfrecord` and `summary.json`, assembled in a
+temporary directory and renamed, so one that exists is complete. A node's
+patch is read by its record offset (mtssl.data.motion_records.index_records).
 """
 
 import json

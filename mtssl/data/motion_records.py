@@ -1,25 +1,8 @@
-"""The motion-label TFRecord format: writing shards, indexing and reading them.
+"""The motion-label TFRecord format: writing shards, indexing and reading records.
 
-One `tf.train.Example` per labelled frame:
-
-  frame         bytes   JPEG (default) or PNG of the RGB frame, height x width
-  label         bytes   uint8 [label_height, label_width] row-major, 1 = will
-                        move independently of the camera, 0 = does not
-  height        int64   frame height (240 for the paper's frames)
-  width         int64   frame width (320)
-  label_height  int64   height / 8 (30)
-  label_width   int64   width / 8 (40)
-  video         bytes   the video's path relative to the extraction input
-  frame_index   int64   0-based index of the frame in the decoded video
-  foreground    float   fraction of label cells that are 1
-
-Shards are standard TFRecord files (`tf.data.TFRecordDataset` reads them).
-They are written under a temporary name and renamed into place, so a shard
-that exists is complete. For training, `index_records` lists the byte offset
-of every record (reading only the 12-byte record headers), so that
-`read_example` can fetch record k directly: the ms task's input pipeline is
-position-addressed (element k fixed by (seed, k)) and shuffles globally
-without a shuffle buffer.
+One `tf.train.Example` per labelled frame (schema: README, "Extracting labels
+from a folder of videos"). Shards are written atomically; `index_records`
+reads only the record headers, so `read_example` fetches record k directly.
 """
 
 import dataclasses

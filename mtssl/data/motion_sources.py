@@ -1,26 +1,13 @@
 """Sources of (frame, motion label) pairs for the motion-segmentation task.
 
-Like the image sources of mtssl.data.sources, a motion source is a
-position-addressed endless stream: element k is fixed by (seed, k), and a
-pipeline resumes at any position k. `examples(seed, start)` yields
-(index int64, frame uint8 [H, W, 3] RGB, label uint8 [H/8, W/8]).
+`synthetic` (mtssl.data.synthetic_video with exact masks) or
+`tfrecord:/dir/or/glob` (shards of tools/extract_motion_labels.py); both
+position-addressed like the image sources. Bad records are skipped and
+counted; no shards is a DataSourceError.
 
-Specifications:
-  synthetic                 clips of mtssl.data.synthetic_video: element k is
-                            frame 0 of clip (seed, k) with its exact mask of
-                            independently moving pixels, downsampled like the
-                            extracted labels (a cell is 1 when at least half
-                            of its pixels move)
-  tfrecord:/dir/or/glob     shards made by tools/extract_motion_labels.py
-                            (a directory's *.tfrecord files, or a glob);
-                            every epoch visits every record once, in an order
-                            shuffled by (seed, epoch)
+Typical use:
 
-Bad records (unparsable, undecodable frame, malformed label) are skipped and
-counted in the source's counter; a truncated shard (not one this project
-wrote: shards are written atomically) is read up to its last complete record
-and counted as `ms_truncated_shard`. No shards, or shards without records,
-is a DataSourceError naming the path.
+    source = make_motion_source('tfrecord:/data/ms_labels')
 """
 
 import abc

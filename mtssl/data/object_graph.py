@@ -1,5 +1,9 @@
 """The object graph of transitive invariance (Wang, He & Gupta 2017).
 
+Nodes are 96x96 patches at both ends of object tracks; edges are intra
+(one track), inter (one child cluster) and transitive. Ground-truth
+identities, where the source has them, give each edge type's precision.
+
 Typical use:
 
     tracks = object_graph.synthetic_tracks(seed=0, num_clips=60)
@@ -7,23 +11,6 @@ Typical use:
         tracks, object_graph.color_hog_features,
         GraphConfig(num_parents=6, min_parent_size=8))
     object_graph.edge_precision(graph)  # against the generator's identities
-
-Nodes are 96x96 patches of moving objects: the start of a track and its end
-`track_length` (30) frames later. Edges:
-
-* intra: the two ends of one track (one instance, another viewpoint);
-* inter: members of one child cluster (different instances that look alike):
-  start patches are embedded, clustered by k-means into parents (clusters
-  under `min_parent_size` dropped), and inside a parent a child cluster is a
-  group of `child_size` (4) samples that are all in each other's
-  `neighbours` (10) nearest neighbours by cosine distance;
-* transitive: for an inter edge <A, B> and intra edges <A, A'>, <B, B'>, the
-  pairs <A, B'>, <A', B> and <A', B'>.
-
-End nodes share the parent of their start node (the negative of a triplet is
-drawn from another parent). Ground truth (object identity and class) is kept
-when the source knows it (the built-in synthetic video), -1 otherwise, so the
-precision of every edge type can be measured (`edge_precision`).
 """
 
 import dataclasses

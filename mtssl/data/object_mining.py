@@ -1,28 +1,15 @@
 """Builds the object graph of transitive invariance from a folder of videos.
 
-Typical use (tools/build_object_graph.py is this, with flags):
+Stage 1 (resumable) mines object tracks from motion labels; stage 2 embeds,
+clusters and links them (mtssl.data.object_graph) and writes the graph
+(mtssl.data.graph_records). tools/build_object_graph.py is this, with flags.
+
+Typical use:
 
     summary = object_mining.build_from_videos(
         '/data/videos', '/data/ti_graph', MiningOptions(),
         GraphConfig(num_parents=50, min_parent_size=10),
         embed=object_mining.RpEmbedder('/runs/rp', 'resnet_v2_101'))
-
-Stage 1, mining (resumable): every video is decoded and resized to
-240x320. Every `frame_step` frames a start frame t gets the motion label of
-mtssl.motion.labels (camera-compensated dense tracks over the next 10
-frames); a rejected frame (too little or too much motion, unstable camera,
-scene cut, no texture) is counted by its reason, as the paper prunes frames
-with too much or too little motion. The square box (side `box_fraction` of
-the frame height) holding the most moving pixels is the object, if at least
-`min_box_motion` of it moves; OpenCV's MIL tracker follows it for
-`track_length` (30) frames and the box there is the second node. Tracks are
-written in batches of videos; a restart skips the videos already done.
-
-Stage 2, the graph: start patches are embedded (`RpEmbedder`: the trunk and
-relative position's patch units of a checkpoint, flattened, the analogue of
-the paper's pool5 features of the context-prediction network), clustered and
-linked by mtssl.data.object_graph, and written by mtssl.data.graph_records
-with summary.json.
 """
 
 import dataclasses

@@ -1,22 +1,14 @@
-"""Image sources shared by every task: built-in synthetic, a folder, TFDS.
+"""Image sources of every task: `synthetic`, `folder:/path`, `tfds:NAME[:SPLIT]`.
 
-A source is a position-addressed stream of RGB uint8 images: element k of the
-stream is fixed by (seed, k). Tasks derive all their randomness from the same
-(seed, k) with stateless random ops, so a pipeline is deterministic under a
-seed whatever its parallelism, and a run resumes at any position by starting
-the stream at k (cheap for synthetic and folder sources; TFDS skips records
-without decoding them).
+A source is a position-addressed stream of RGB uint8 images (element k
+fixed by (seed, k)). Undecodable or converted images are counted by reason
+in its `SkipCounter`; an empty or missing source is a `DataSourceError`
+from `validate()`.
 
-Bad input never crashes a run and never disappears silently. Undecodable files
-(empty, corrupt, truncated) are skipped; grayscale, alpha and 16-bit images are
-converted to 8-bit RGB; either way the event is counted by reason in the
-source's `SkipCounter`, which the trainer logs. An empty or missing source is a
-`DataSourceError` from `validate()`, raised before training starts.
+Typical use:
 
-Source specifications (one string, e.g. a flag value):
-  synthetic                  procedurally generated scenes (mtssl.data.synthetic)
-  folder:/path/to/images     every JPEG/PNG/BMP/WebP file below the folder
-  tfds:NAME[:SPLIT]          a prepared TFDS dataset (never downloaded here)
+    source = make_image_source('folder:/data/images')
+    source.validate()
 """
 
 import abc

@@ -1,32 +1,13 @@
-"""Procedurally generated natural-looking scenes: the project's built-in data.
+"""Procedurally generated scenes: the project's built-in data, no download.
 
-One generator serves every task and every evaluation, so nothing has to be
-downloaded for the default run or the tests. A scene is a function of
-(seed, index) alone: the same pair always gives the same scene, any index can
-be generated in any order (so a pipeline resumes at any position), and the
-supply is unlimited.
+A scene is a function of (seed, index): sky, perspective ground, objects of
+`NUM_CLASSES` classes, with an exact depth map, boxes, instance mask and a
+scene class. Why each part is there: BUILD.md, "Data".
 
-What a scene contains, and why each part is there:
+Typical use:
 
-* A sky with a vertical colour gradient and soft clouds above a horizon, and a
-  textured ground plane below it in perspective (texture frequency rises
-  toward the horizon). "Up" is therefore visible everywhere in an image, which
-  is what relative-position prediction learns from.
-* Objects of `NUM_CLASSES` classes standing on the ground. A class fixes the
-  shape, the hue range and the surface pattern, so colour is predictable from
-  grey-level shape and texture (what colorization learns) and the class is
-  recognisable (what the linear and detection evaluations measure). Objects
-  are lit from the upper left and cast a shadow to the lower right.
-* Geometry is metric: the camera sits `CAMERA_HEIGHT` above the ground, ground
-  depth follows from the row's distance to the horizon, an object's depth
-  follows from where it touches the ground and its image size scales with
-  1 / depth. Hence an exact depth map for the depth evaluation.
-
-Labels offered by `render_scene`: the image, a per-pixel depth map (metres),
-object boxes with classes (and a visibility fraction, so heavily occluded
-objects can be marked difficult as in PASCAL VOC), an instance mask, and a
-scene class: the class of the object nearest the camera (drawn uniformly over
-the classes, large and central, so the label is balanced and visible).
+    scene = render_scene(seed=0, index=7)   # .image, .depth, .boxes, .label
+    image = synthetic_image(seed=0, index=7)
 """
 
 import dataclasses

@@ -1,35 +1,13 @@
 """Procedural video with a moving camera and independently moving objects.
 
-The built-in data of the motion-segmentation task (no download), and the test
-bed of the motion-label extraction (`mtssl.motion.labels`), because it comes
-with the exact mask of the pixels that move independently of the camera.
-It is built on the scene generator of `mtssl.data.synthetic` (its sky and
-ground, its object classes, shapes, surfaces and noise), so videos look like
-the still scenes the image tasks see.
+The built-in data of the motion-segmentation task and the test bed of
+mtssl.motion.labels: every frame comes with the exact `mask` of the pixels
+that move independently of the camera. Frame t of clip (seed, index) is a
+closed-form function of t. Design: BUILD.md, "Motion segmentation".
 
-A clip is a function of (seed, index) alone, and frame t of a clip is a
-closed-form function of t: any frame of any clip can be rendered on its own,
-in any order, and a clip has no fixed length.
+Typical use:
 
-How a clip is made:
-
-* Scenery: a sky-and-ground canvas `CANVAS_MARGIN` times the frame size, with
-  static objects of the `STATIC_CLASSES` standing on the ground (crates,
-  cones, pillars, diamonds, pebbles, houses), blurred once like a lens.
-* Camera: frame t is an axis-aligned view of the canvas (pan and zoom, the
-  motion a homography explains exactly). Its centre and log-zoom follow slow
-  sinusoids, so the view stays inside the canvas for every t; `camera`
-  selects 'pan_zoom', 'pan', 'zoom' or 'static'.
-* Movers: one to `MAX_MOVERS` objects of the `MOVING_CLASSES` (balls, rings,
-  stars, crosses) with extra surface grain (so they are trackable), moving
-  over the canvas at a constant speed and bouncing off its borders, drawn
-  over the scenery with sub-pixel, anti-aliased placement. What moves is
-  therefore predictable from appearance, as in real video (people and cars
-  move, houses do not), which is what a network can learn from one frame.
-* Per-frame sensor noise, drawn from (seed, index, t).
-
-`mask` marks the pixels where a mover covers more than half of the pixel:
-exactly the pixels that move independently of the camera in the next frames.
+    clip = render_clip(seed=0, index=3, num_frames=12)  # .frames, .masks
 """
 
 import dataclasses

@@ -1,23 +1,10 @@
 """The trunk as a TF Model Garden backbone, for detection fine-tuning.
 
-Importing this module registers:
-
-* the backbone builder `mtssl_resnet_v2`
-  (`official.vision.modeling.backbones.factory`), configured by
-  `MtsslResNetV2` (trunk name, output stride, weight decay);
-* `Backbone`, Model Garden's backbone one-of config with the extra field
-  `mtssl_resnet_v2`, installed as `official.vision.configs.backbones.Backbone`
-  so that every config built afterwards carries the field: stock experiments
-  (`fasterrcnn_resnetfpn_coco`, `retinanet_resnetfpn_coco`,
-  `resnet_imagenet`, ...) can then say `backbone.type: mtssl_resnet_v2`;
-* two experiments (`official.core.exp_factory`): `mtssl_fasterrcnn` (Model
-  Garden's `fasterrcnn_resnetfpn_coco` with this backbone at output stride 16
-  and an FPN over levels 3-6) and `mtssl_image_classification`. Both restore
-  the trunk with `init_checkpoint_modules: backbone`.
-
-Train with Model Garden's own driver, `python -m mtssl.model_garden`, which
-registers the above first. Endpoints, input scaling, batch norm and weight
-decay choices: BUILD.md, "Model Garden".
+Importing this module registers the backbone builder `mtssl_resnet_v2`, a
+`Backbone` one-of config with that field (so stock experiments can name it)
+and the experiments `mtssl_fasterrcnn` and `mtssl_image_classification`.
+Use: README, "Detection fine-tuning"; choices: BUILD.md, "Model Garden
+backbone".
 """
 
 import dataclasses

@@ -1,29 +1,14 @@
-"""A trained trunk as a TF Serving version directory: SavedModel, warmup
-requests and metadata, written atomically.
+"""A trained trunk as a TF Serving version directory, written atomically.
 
-`export_saved_model` writes `<export_base>/<model_name>/<version>/` in TF
-Serving's layout: `saved_model.pb`, `variables/`,
-`assets.extra/tf_serving_warmup_requests` (PredictionLog records TF Serving
-replays at load time) and `assets.extra/mtssl_export.json` (trunk, stride,
-serving size, signatures with output shapes, the checkpoint it came from).
-Signatures and outputs are described in `mtssl.deploy.serving`.
+`export_saved_model` writes `<export_base>/<model_name>/<version>/`: the
+SavedModel of mtssl.deploy.serving, warm-up requests and
+`assets.extra/mtssl_export.json`. Layout and versions: README, "Writing the
+SavedModel"; choices: BUILD.md, "Export".
 
-* The checkpoint is anything `restore_trunk` reads: a trainer checkpoint or a
-  converted Slim one (`backbone` key), a prefix or a directory (latest).
-  Variables do not depend on the output stride, so a trunk trained at stride
-  8 exports at stride 16 for detection.
-* The version defaults to one more than the largest numeric version present
-  (1 for a new model). An existing version is refused unless `overwrite`.
-  The version directory is written under a hidden temporary name in the model
-  directory and renamed into place when complete (`io_utils.atomic_directory`),
-  so TF Serving, which only loads numeric names, never sees a partial version.
-  Overwriting swaps the new directory in by two renames; a server polling at
-  that instant can miss the version once.
-* Warmup: three requests made of the project's synthetic scenes (so the file
-  holds real encoded images without shipping data): `serving_default` with
-  one JPEG at the serving size, `serving_default` with a PNG at half and a
-  JPEG at 1.5 times the serving size (the resize path), and `from_pixels`
-  with one image at the serving size.
+Typical use:
+
+    trunk = load_trunk('/runs/mt/ckpt', 'resnet_v2_101', output_stride=8)
+    result = export_saved_model(trunk, '/models', 'mtssl')
 """
 
 import dataclasses

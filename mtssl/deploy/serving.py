@@ -1,50 +1,9 @@
-"""The trunk as a servable feature extractor (a tf.Module with signatures).
+"""The trunk as a servable feature extractor (`FeatureExtractor`, a tf.Module).
 
-`FeatureExtractor(trunk, image_size)` wraps a trunk for export
-(`mtssl.deploy.saved_model` writes it as a SavedModel). What it computes:
-
-* `serving_default` (input `images`: string [batch]): each element is an
-  encoded JPEG, PNG, GIF (first frame), BMP or WebP image of any size.
-  Decoding follows the training pipelines (`mtssl.data.sources`): grayscale
-  is repeated to RGB, an alpha channel is composited over white (rounded to
-  integers, as the data sources do), 16-bit PNGs keep their high byte. Every
-  image is then resized to the serving size (`image_size`, default 256x256;
-  bilinear with anti-aliasing, aspect ratio not kept; an image already of
-  that size is used as decoded) so that images of different sizes form one
-  batch.
-* `from_pixels` (input `pixels`: float32 [batch, height, width, 3], RGB in
-  [0, 255]): the batch is used at its own size, no resizing.
-* Both then apply the trunk's own preprocessing
-  (`mtssl.ops.preprocessing.vgg_preprocess`: minus the VGG mean) and run the trunk
-  in inference mode at the output stride it was built with. Outputs:
-  `block3` float32 [batch, ceil(height / stride), ceil(width / stride), depth]
-  (the trunk's output end point, the raw sum of the last block-3 unit) and
-  `pooled` float32 [batch, 3, 3, depth]: `block3` max-pooled over an adaptive
-  3x3 grid (`mtssl.ops.pooling`: bin i of n positions is
-  [floor(i n / 3), ceil((i + 1) n / 3)); for the 32x32 map of a 256x256 image
-  at stride 8: [0, 11), [10, 22), [21, 32)), the frozen feature of the
-  paper's linear evaluation. Flattening it gives 9 * depth (9216) values.
-
-Bad input fails with an InvalidArgument error that names it before any
-decoder or convolution runs: an empty batch, an element that is not an image
-(its index, its length and first bytes, and a hint when it looks like base64
-text, the usual mistake of REST clients that do not wrap it as
-{"b64": ...}), pixels that are not finite or not in [0, 255], or an image
-without height or width. An element with a valid image header but a
-corrupted body still fails inside the decoder (TensorFlow's message, e.g.
-"Invalid JPEG data").
-
-The object also follows TF Hub's Reusable SavedModel API, so the exported
-model loads back as a trainable layer (`hub.KerasLayer(path, trainable=True,
-output_key='block3')`, or `tf.saved_model.load`):
-`__call__(pixels, training=False)` (pixels as `from_pixels`, traced for
-training True and False; training=True runs batch norm on batch statistics
-and updates its moving averages), `variables`, `trainable_variables` (the
-trunk's: gamma, beta, kernels, biases) and `regularization_losses` (one
-function returning the trunk's Slim L2 weight decay). The trunk is tracked
-as `backbone`, so the SavedModel's variables use the object path of the
-trainer's checkpoints (`tf.train.Checkpoint(backbone=trunk)` restores a trunk
-from `<export>/variables/variables`).
+`serving_default` takes encoded images, `from_pixels` float RGB in [0, 255];
+both return `block3` and its adaptive 3x3 max-pool `pooled`. The module also
+follows TF Hub's Reusable SavedModel API. Signatures and bad-input errors:
+README, "Signatures"; written by mtssl.deploy.saved_model.
 """
 
 from typing import Dict, Sequence, Tuple

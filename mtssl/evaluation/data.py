@@ -1,48 +1,15 @@
-"""Labeled datasets for the evaluation protocols.
+"""Labeled datasets of the evaluations: built-in scenes, class folders, TFDS.
 
-Three kinds of examples, each a dict with `index` (int64 stream position) and
-`image` (uint8 [H, W, 3] RGB):
+Examples are dicts with `index`, `image` and the kind's labels
+(classification `label`; depth `depth`; detection `boxes`, `classes`,
+`difficult`). Sources are position-addressed like mtssl.data.sources; bad
+input is a `DataSourceError` from `validate()`. Choices: BUILD.md, "Data
+(`data.py`)".
 
-  classification: + `label` int64
-  depth:          + `depth` float32 [H, W] metres, 0 where unknown
-  detection:      + `boxes` float32 [N, 4] (ymin, xmin, ymax, xmax) pixels,
-                    exclusive max; `classes` int64 [N] (0-based);
-                    `difficult` bool [N]
+Typical use:
 
-Sources (one specification string, e.g. a flag value):
-
-  synthetic            the built-in procedural scenes (mtssl.data.synthetic):
-                       classification label = class of the nearest object,
-                       depth = the scene's metric depth, boxes = the objects.
-  folder:/path         classification only: one sub-folder per class
-                       (sorted names = class ids), images below each.
-  tfds:NAME[:SPLIT]    a TFDS dataset that is already prepared (never
-                       downloaded here): imagenet2012 or any dataset with
-                       `image` + ClassLabel `label`; nyu_depth_v2; voc/2007.
-                       SPLIT may join splits with '+' (voc 'train+validation').
-
-Determinism follows mtssl.data.sources: `train(seed, start)` is an endless
-stream whose element k is fixed by (seed, k) (the synthetic scene k of stream
-`seed`; the k-th file of a per-epoch permutation; the k-th record of TFDS's
-seeded file order), starting at position `start`, so a resumed run continues
-the same stream. `eval()` is the finite held-out split in a fixed order: the
-synthetic one is its own stream (`SYNTHETIC_EVAL_STREAM`), which no training
-seed reaches (training seeds are < 2**31).
-
-Synthetic labels, and why:
-* depth: pixels at the generator's far clip (`MAX_DEPTH`: sky and the ground
-  beyond it) have no measured depth, as NYU's holes have none, and are
-  marked 0 (invalid); without that a constant 10 m predictor is right on
-  most of the image.
-* detection: an object is `difficult` (ignored by the VOC metric, left out of
-  training targets) when less than `difficult_visible` of it is visible or
-  its shorter box side is under `difficult_min_size` of the image's shorter
-  side: PASCAL marks objects "difficult" when they are hard to recognise.
-
-Bad input: an unknown specification, a missing folder, an unprepared TFDS
-dataset, a split the dataset does not have, or a feature the protocol needs
-that the dataset lacks is a `DataSourceError` from `validate()`, raised before
-any work. Undecodable images are skipped and counted by reason (`counter`).
+    source = make_labeled_source('detection', 'tfds:voc/2007', role='train')
+    source.validate()
 """
 
 import abc

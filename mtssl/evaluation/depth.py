@@ -1,53 +1,12 @@
-"""NYUv2 depth prediction: Laina et al.'s up-projection decoder on block 3.
+"""NYUv2 depth (paper section 5): Laina et al.'s up-projection decoder on block 3.
 
-Paper, section 5: "We use the 'up projection' operator defined in [Laina et
-al. 2016], as well as the reverse Huber loss ... feed the block 3 outputs
-directly into the up-projection layers ... 3 levels of up projection ...
-filter sizes were 512, 256, and 128 ... initialize all layers up to block 3
-using the weights from our self-supervised pre-training, and fine-tune all
-weights." Metrics (appendix A): % of pixels with max(d/d_hat, d_hat/d) below
-1.25, 1.25^2, 1.25^3; mean absolute error; mean relative error.
+Holds `DepthConfig`, the fast `UpProjection` layer, the berHu loss, the input
+pipeline and the registered `depth` protocol. Choices: BUILD.md, "Depth
+protocol".
 
-The network:
+Typical use:
 
-  trunk (block-3 output, or the evaluation task's lasso over the block-3
-  units) -> UpProjection(512) -> UpProjection(256) -> UpProjection(128)
-  -> 3x3 conv to 1 channel -> bilinear resize to the label resolution.
-
-* Up-projection is Laina et al.'s FAST up-projection, as in their released
-  code: the 2x "unpooling" (each value to the top-left of a 2x2 cell, zeros
-  elsewhere) followed by a 5x5 convolution is computed as four convolutions
-  on the low-resolution input (3x3, 3x2, 2x3 and 2x2 kernels, the taps of the
-  5x5 kernel that meet non-zero values for each output-pixel parity) whose
-  outputs are interleaved — the same function at a quarter of the cost
-  (tests/test_evaluate_depth.py checks the equivalence numerically). One
-  up-projection: branch 1 = fast unpool-conv 5x5 -> BN -> ReLU -> 3x3 conv
-  -> BN; branch 2 = fast unpool-conv 5x5 -> BN; output = ReLU(sum).
-  Laina's 1x1 conv + BN on the ResNet output is not added: the paper feeds
-  block 3 "directly".
-* The last layer is a linear 3x3 convolution to one channel (no activation).
-  For the metrics, predictions are clipped to [min_depth, max_depth] (NYU:
-  1e-3 .. 10 m), so that the ratio metrics are defined.
-* Output stride 16 is this protocol's default: block 4 dropped, the trunk to
-  block 3 has a nominal stride of 16, and three 2x up-projections bring it to
-  half the input resolution — exactly Laina's output resolution, which is why
-  the paper needs "only 3 levels of up projection, rather than 4". At output
-  stride 8 the decoder reaches the full input resolution.
-* berHu loss (Laina eq. 3) over valid pixels: |x| if |x| <= c, else
-  (x^2 + c^2) / (2c), c = 0.2 * max |residual| over the valid pixels of the
-  batch (held constant for the gradient), averaged over valid pixels. Valid
-  pixels: ground truth finite and > 0.
-* Training: images resized to `image_size` (NYU default 240x320, half the
-  Kinect resolution); depth resized with nearest neighbour (invalid zeros
-  stay zeros) to the same size; random horizontal flip of both and the
-  Inception color distortion of the image. All weights train; the trunk's
-  batch norm runs in training mode (`batch_norm`) as in Laina et al.;
-  the decoder's batch norms always train, their moving averages with decay
-  `head_batch_norm_decay` (0.99). Evaluation: the prediction is resized to the ground truth's own
-  resolution (NYU: 480x640); no crop (the paper names none).
-* Head convolutions use Slim's initializer and Slim-form L2 weight decay.
-* Chance level: a constant prediction, the median valid depth of
-  `baseline_examples` training examples.
+    python -m mtssl.evaluate depth --init_checkpoint=CKPT --model_dir=DIR
 """
 
 import dataclasses

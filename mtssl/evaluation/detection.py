@@ -1,97 +1,13 @@
-"""PASCAL VOC 2007 detection: Faster R-CNN with the trunk as its base.
+"""PASCAL VOC 2007 detection (paper section 5): Faster R-CNN on the trunk.
 
-Paper, section 5: "We use Faster-RCNN ... We fine-tune all network weights
-... transfer all layers up through block 3 ... into the trunk, and ... block
-4 into the proposal categorization head ... [for] our self-supervised
-network ... we initialize the proposal categorization head randomly ... we
-use multi-scale data augmentation ... All other settings were left at their
-defaults. We train on the VOC 2007 trainval set, and evaluate Mean Average
-Precision on the VOC 2007 test set." Section 6.2 also reports mAP at 75% IoU.
+Holds `DetectionConfig`, `TrunkBackbone` (the trunk to block 3, or its lasso,
+as one pyramid level), `Block4BoxHead` (ResNet-v2 block 4 on each ROI), the
+input pipeline and the registered `detection` protocol. Composition and
+choices: BUILD.md, "Detection protocol".
 
-The detector is Model Garden's (tf-models-official, `official.vision`)
-two-stage R-CNN, `MaskRCNNModel` without a mask head, composed from its
-components; only the parts the paper fixes are ours:
+Typical use:
 
-  backbone            `TrunkBackbone`: the trunk to block 3 (or the
-                      evaluation task's lasso over the block-3 units); its
-                      one feature map is pyramid level log2(output_stride).
-  anchors             `official.vision.ops.anchor.Anchor`, one grid per
-                      anchor size (num_scales=1), concatenated per location:
-                      sizes x aspect ratios anchors per position (TF object
-                      detection API's Faster R-CNN grid: 64, 128, 256, 512 px
-                      x 0.5, 1, 2 at stride 16).
-  RPN                 `heads.RPNHead` (one 3x3 conv, `rpn_filters`, then
-                      objectness and box outputs); targets from
-                      `anchor.RpnAnchorLabeler` (IoU >= 0.7 positive, < 0.3
-                      negative, 256 anchors per image, half positive at most).
-  proposals           `layers.MultilevelROIGenerator` (NMS 0.7; `num_proposals`
-                      kept, 300 as TF-OD's Faster R-CNN).
-  ROI sampling        `layers.ROISampler` (64 ROIs per image, 25% foreground
-                      at IoU >= 0.5, ground-truth boxes mixed in).
-  ROI features        `layers.MultilevelROIAligner` to 14x14, then a 2x2
-                      max-pool to 7x7 (`CropAndPool`), as the TF object
-                      detection API's Faster R-CNN crops ResNet features.
-  box head            `Block4BoxHead`: ResNet-v2 block 4 — `block4_units`
-                      (3) BottleneckV2 units of base depth `block4_base_depth`
-                      (default: twice block 3's, 512 for ResNet-101), stride
-                      1, Slim `postnorm` — on each ROI, global average pool,
-                      then class logits (classes + background) and
-                      per-class box deltas. Randomly initialised (the paper's
-                      setting for self-supervised trunks); variable names are
-                      Slim's `<scope>/block4/...`, so `block4_checkpoint`
-                      can load it from a Slim ResNet-v2 checkpoint (the
-                      paper's ImageNet-labels row).
-  detections          `layers.DetectionGenerator` (per-class NMS at IoU
-                      0.6, score threshold 0, `max_detections` per image).
-                      Both NMS steps use Model Garden's batched option
-                      (`tf.image.combined_non_max_suppression`), its
-                      CPU/GPU path; the default padded NMS is the TPU path
-                      (measured on CPU: 1.6 ms against 83 ms per batch).
-  losses              `losses.maskrcnn_losses`: RpnScoreLoss, RpnBoxLoss
-                      (Huber 1/9), FastrcnnClassLoss, FastrcnnBoxLoss
-                      (Huber 1), weight 1 each, plus weight decay.
-
-Choices and deviations, all documented in BUILD.md:
-
-* Batch norm is frozen (inference mode, trainable scale and offset) in the
-  trunk and block 4 by default (`batch_norm`), as the TF object
-  detection API's Faster R-CNN runs its ResNet (whose `block4` is then, when
-  randomly initialised, an identity at the initial statistics). Measured on
-  the tiny CPU problem, block 4 with batch norm trained over the ROIs reached
-  mAP@0.5 12.4 / 10.4 / 6.3 (seeds 0-2) against 20.4 / 26.2 / 11.9 frozen:
-  the sampled training ROIs (25% foreground) and the test-time proposals
-  differ in their statistics. Model Garden's RPN head keeps its own batch
-  norm in training mode. With `batch_norm=train` a randomly initialised
-  block 4 averages its statistics with the new heads' decay
-  `head_batch_norm_decay`, a loaded one with Slim's 0.997. The default
-  (None, resolved by mtssl.evaluation.factory) trains batch norm when the
-  trunk is randomly initialised: a random trunk has no statistics to freeze, and
-  at its initial ones a random ResNet-101's raw activations make the first
-  losses ~1.5e6 (measured: still 1e2-1e4 after 15 steps, 256x256 canvas),
-  against 9.3 falling to 8.2 with batch norm trained.
-* Output stride 16 by default: the TF object detection API's Faster R-CNN
-  default (`first_stage_features_stride: 16`); the pre-trained weights do not
-  depend on it.
-* Input scaling follows TF-OD's keep-aspect-ratio resizer (shorter side
-  `short_side` = 600, longer side at most `image_size` = 1024) on a fixed
-  `image_size` x `image_size` canvas (zero padding after mean subtraction),
-  so that every step has one static shape. Multi-scale training: the scale
-  is multiplied by a factor drawn uniformly from [scale_min, scale_max]
-  (0.8-1.44: shorter side ~480-864, the range of Doersch et al.'s scales);
-  an image larger than the canvas is cropped at a random offset. Plus a
-  random horizontal flip. All stateless, keyed by (seed, stream position).
-  Boxes follow with Model Garden's `preprocess_ops.resize_and_crop_boxes`.
-* Difficult objects are left out of the training targets (as
-  py-faster-rcnn does); an image left without objects is skipped and
-  counted. They stay in the evaluation ground truth, where the VOC metric
-  ignores detections on them.
-* RPN anchor labels are computed inside the training step (Model Garden
-  computes them in its input parser): the labeler's random subsampling then
-  belongs to the training step like the ROI sampler's, and the input
-  pipeline stays a pure function of (seed, position).
-* Evaluation: VOC07 11-point AP at IoU 0.5 (headline) and 0.75,
-  mtssl.evaluation.metrics, on boxes mapped back to original image
-  coordinates.
+    python -m mtssl.evaluate detection --init_checkpoint=CKPT --model_dir=DIR
 """
 
 import dataclasses

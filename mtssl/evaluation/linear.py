@@ -1,46 +1,12 @@
-"""ImageNet with frozen weights: a linear classifier on block-3 features.
+"""ImageNet linear classification on frozen block-3 features (paper section 5).
 
-Paper, section 5: "We add a single linear classification layer (a softmax) to
-the network at the end of block 3 ... keep all pre-trained weights frozen ...
-The training set is augmented in translation and color ... during evaluation,
-we don't use multi-crop or mirroring augmentation ... use only the output of
-the final unit of block 3, and use max pooling to obtain a 3 x 3 x 1024
-feature vector, which is flattened and used as the input to the one-layer
-classifier. For the lasso experiments ... a weighted combination of the
-(frozen) features from all block 3 layers, and we learn the weight for each
-layer." Top-1 and top-5 accuracy on the validation split.
+Holds `LinearConfig`, the adaptive 3x3 max-pool + standardization + softmax
+layer model, the augmentation and the registered `linear` protocol. Choices:
+BUILD.md, "Linear protocol".
 
-What is implemented, and the choices the paper leaves open:
+Typical use:
 
-* The trunk runs in inference mode (batch-norm moving statistics) and no
-  gradient reaches it; only the linear layer (and, with the lasso, the
-  evaluation task's alpha over the block-3 units, mtssl.models.lasso.UnitLasso)
-  train.
-* "Max pooling to 3 x 3" is an adaptive max pool: the feature map is split
-  into 3 x 3 bins, bin i of n covering rows floor(i*H/n) .. ceil((i+1)*H/n)
-  (the same on columns), each reduced by max (mtssl.ops.pooling, which the
-  exported feature extractor uses too). For the default 224 x 224 crop
-  at output stride 8 (28 x 28 x 1024) the bins are 10 x 10 with overlaps of
-  one row/column, and the classifier sees 9216 features.
-* Training augmentation, "translation and color": resize the shorter side to
-  `resize_size` (256), a random `image_size` (224) crop, then Inception's
-  color distortion (brightness +-32/255, saturation 0.5-1.5, hue +-0.2,
-  contrast 0.5-1.5, in that order, clipped). No mirroring (the paper names
-  translation and color only). Evaluation: the same resize and one central
-  crop. All randomness is stateless, keyed by (seed, stream position).
-* The classifier is a Dense layer (Glorot-uniform weights, zero bias) with
-  Slim-form L2 weight decay `weight_decay` on its weights; softmax
-  cross-entropy. Its input is standardized per feature by a batch norm
-  without learned scale or offset (`feature_norm`, on by default): at
-  evaluation that is a fixed affine map of the frozen features, so the
-  classifier stays one linear layer, but the optimization no longer depends
-  on the raw feature scale, which differs by orders of magnitude between
-  trunks (block-3 features of a randomly initialised trunk have a standard
-  deviation of ~300; measured: a linear layer on the raw features of the
-  tiny trunk stays at chance after 200 steps, on the standardized ones it
-  learns).
-* A label outside [0, num_classes) stops the run with an error naming the
-  example (num_classes defaults to the dataset's).
+    python -m mtssl.evaluate linear --init_checkpoint=CKPT --model_dir=DIR
 """
 
 import dataclasses

@@ -1,60 +1,16 @@
-"""The evaluation metrics of the paper, in numpy (section 5, appendix A).
+"""The paper's evaluation metrics as numpy accumulators (section 5, appendix A).
 
-Every metric is an accumulator: `update(...)` with one batch at a time and
-`result()` at the end, so a whole validation set is scored without holding it
-in memory. Percentages are returned as percents (0-100), like the paper's
-tables; errors in the unit of the data (metres for depth).
+`TopKAccumulator` (top-k accuracy), `DepthAccumulator` (delta < 1.25^k,
+mean absolute and relative error over valid pixels) and
+`DetectionAccumulator` (PASCAL VOC AP exactly as the VOC2007 devkit computes
+it); results in percent, errors in the data's unit. Choices: BUILD.md,
+"Metrics".
 
-Classification (`TopKAccumulator`): top-k accuracy ("recall at k"). The label
-counts as within the top k when fewer than k classes score strictly higher
-than it, i.e. ties at the boundary count in favour of the label, as
-`tf.math.in_top_k` does. An example with any non-finite score (a diverged
-model) is wrong at every k and counted (`nonfinite_examples`).
+Typical use:
 
-Depth (`DepthAccumulator`), over VALID pixels only (ground truth finite and
-> 0), pooled over every valid pixel of the evaluated set:
-  delta_k = % of pixels with max(d/d_hat, d_hat/d) < 1.25^k, k = 1, 2, 3
-  mae     = mean |d - d_hat|          (appendix A: "simple per-pixel average
-                                        error in depth"; the appendix's phrase
-                                        "mean squared difference" contradicts
-                                        the metric's name and is not followed)
-  rel     = mean |d - d_hat| / d
-A prediction <= 0 has no finite ratio and fails every threshold; callers clip
-predictions to the dataset's depth range first. A non-finite prediction is an
-error: it fails every threshold, its absolute and relative errors are
-infinite (so are mae and rel), and it is counted (`nonfinite_predictions`,
-at valid pixels).
-
-Detection (`DetectionAccumulator`): PASCAL VOC average precision exactly as
-the VOC2007 devkit's VOCevaldet.m computes it, per class over the whole set:
-  * detections of a class are ranked by MATLAB's `sort(-confidence)`: by
-    decreasing confidence, ties in the order the detections were added;
-  * a detection's overlap with a ground-truth box of the same image and class
-    uses the devkit's inclusive pixel boxes: iw = min(x2) - max(x1) + 1,
-    ih likewise, counted only when iw > 0 and ih > 0, overlap = iw * ih /
-    union of the (x2 - x1 + 1) * (y2 - y1 + 1) areas; the best box is the
-    first one of the highest overlap;
-  * overlap >= threshold (`ovmax>=VOCopts.minoverlap`):
-    - the box is difficult: the detection is ignored (neither TP nor FP);
-    - else the box is not yet detected: TP, and the box becomes detected;
-    - else: FP (a duplicate);
-  * otherwise (or no box of that class in the image): FP;
-  * recall = TP / (non-difficult boxes), precision = TP / (TP + FP);
-  * VOC2007 11-point AP: sum over t in MATLAB's `0:0.1:1` of
-    max(precision at recall >= t) / 11, 0 when no recall reaches t. The
-    thresholds are the doubles MATLAB's colon operator makes
-    (`VOC07_RECALL_THRESHOLDS`): 0.30000000000000004 but exactly 0.6 and
-    0.7, so a recall of exactly 0.3 does not reach the fourth point. The
-    all-point (VOC2010+ VOCap.m) AP is also available (`use_07_metric=False`).
-  A precision of 0/0 (only ignored detections so far) is skipped as MATLAB's
-  `max` skips NaN; where the devkit's AP would be NaN (every detection of the
-  class ignored) this AP is 0. Boxes are (ymin, xmin, ymax, xmax) in the
-  devkit's pixel coordinates (TFDS VOC boxes times the image size). A class
-  without any non-difficult ground truth has no AP (None) and is left out of
-  the mean. A detection with a non-finite score cannot be ranked: it is
-  dropped (it would rank last, where it changes no AP); one with a finite
-  score but a non-finite box overlaps nothing (FP); both are counted
-  (`nonfinite_detections`).
+    acc = TopKAccumulator(ks=(1, 5))
+    acc.update(scores, labels)        # once per batch
+    acc.result()
 """
 
 import math

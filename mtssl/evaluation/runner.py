@@ -1,31 +1,9 @@
-"""The training / evaluation loop every protocol shares.
+"""The training / evaluation loop every protocol shares (`Protocol`, `run`).
 
-A protocol (linear, depth, detection; `Protocol` below) supplies its input
-pipelines, its model, its losses and its metric accumulator; `run()` does the
-rest the same way for all three:
-
-* the trainable variables are the protocol's (the linear protocol leaves the
-  trunk out: frozen features); the objective is the protocol's loss plus the
-  weight decay of the trained layers (and the lasso L1 when present);
-* one compiled step applies the gradients only when the loss and every
-  gradient are finite; a non-finite step changes no weight and is counted, and
-  `max_nonfinite` of them in a row stop the run with an error;
-* checkpoints (model, optimizer, step, data position) go to
-  `<model_dir>/checkpoints` every `checkpoint_every` steps and at the end; a
-  run started again on the same model_dir resumes from the last one, at the
-  data position after the last trained batch (the streams are
-  position-addressed, so the resumed run sees what an uninterrupted run
-  would have);
-* TensorBoard: `<model_dir>/train` gets the loss terms, the learning rate and
-  the throughput every `log_every` steps; `<model_dir>/eval` gets every
-  metric at each evaluation (`eval_every` steps and the end) and the final
-  paper-table row as text;
-* the final metrics, the chance level, the row for the paper's tables and the
-  whole configuration are written to `<model_dir>/<protocol>_metrics.json`
-  through a temporary file and a rename.
-
-Input errors met while reading (a label outside the class range) stop the run
-with an `EvaluationError` carrying the pipeline's message.
+A protocol supplies datasets, model, losses and a metric accumulator;
+`run()` trains with finite-guarded steps, checkpoints and resumes,
+writes TensorBoard summaries and `<model_dir>/<protocol>_metrics.json`.
+Choices: BUILD.md, "Runner".
 """
 
 import abc

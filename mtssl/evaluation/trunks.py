@@ -1,25 +1,9 @@
-"""Where an evaluation gets its pre-trained trunk from.
+"""Where an evaluation gets its pre-trained trunk from (`TrunkProvider`).
 
-A `TrunkProvider` builds the named trunk (mtssl.backbones.resnet_v2) at the
-requested output stride and fills in its weights. The protocols only see the
-resulting `ResNetV2`, so a new kind of pre-trained artefact is a new provider
-registered in `make_trunk_provider`, and nothing else changes.
-
-`CheckpointTrunkProvider` reads, by what the checkpoint holds:
-
-* a TF2 object checkpoint with a `backbone` key — written by
-  tools/convert_slim_checkpoint.py or by the trainer — through
-  `slim_checkpoint.restore_trunk`;
-* a TF-Slim checkpoint (variables named `<scope>/block1/unit_1/...`, e.g. the
-  released multi-task model) directly through
-  `slim_checkpoint.load_slim_checkpoint`, without a conversion step;
-* nothing (`init_checkpoint` None): the trunk keeps its random Slim
-  initialisation, seeded — the paper's "random init" baseline.
-
-A checkpoint of another architecture (other depth, other widths, another
-trunk preset) is a `TrunkLoadError` that says which checkpoint and trunk
-disagree and how; so is one whose weights hold NaN or Inf (a diverged
-pre-training), with the number of such values.
+`CheckpointTrunkProvider` builds the named trunk and fills it from an object
+checkpoint, a TF-Slim checkpoint, an exported SavedModel, or nothing (random
+init); a mismatched or non-finite checkpoint is a `TrunkLoadError`.
+Choices: BUILD.md, "Trunk loading".
 """
 
 import abc

@@ -1,23 +1,12 @@
-"""Lasso combination of residual-unit outputs (paper section 3.2, eq. 1).
+"""`UnitLasso`: a lasso combination of block-3 units (paper section 3.2, eq. 1).
 
-For a task n the representation fed to its head is sum_m alpha[n, m] * Unit_m
-over the M units of block 3 (M = 23 for ResNet-v2-101), with
-sum_m alpha[n, m]^2 = 1 and an L1 penalty on alpha in the objective.
+A task's representation is sum_m alpha_m Unit_m with ||alpha||_2 = 1 and an
+L1 penalty on alpha. Choices: BUILD.md, "Lasso".
 
-Choices made here:
+Typical use:
 
-* The unit-norm constraint is kept exactly by parametrization:
-  alpha = v / ||v||_2 for an unconstrained variable v. Every optimizer step
-  then satisfies the constraint without a projection step, and entries may be
-  negative, as the paper allows.
-* alpha starts as the last unit alone (v = e_M), i.e. exactly the paper's
-  naive architecture (head on the block-3 output); the L1 term and the task
-  gradient then decide what else to use.
-* The penalty is `l1_weight * sum_m |alpha_m|`, added to the layer's losses
-  (so it enters the objective of the task that owns this alpha only). Its
-  weight is a constructor argument (trainer flag --lasso_l1).
-
-The same layer serves evaluation tasks, each with an alpha of its own.
+    lasso = UnitLasso(trunk.unit_names('block3'), l1_weight=1e-3)
+    representation = lasso(trunk(images))   # the end points dict
 """
 
 from typing import Dict, Sequence

@@ -1,33 +1,9 @@
-"""Extraction runs: a folder of videos -> sharded motion-label TFRecords.
+"""Extraction runs: a folder of videos -> motion-label TFRecord shards, resumable.
 
-The library behind tools/extract_motion_labels.py. Videos are processed in
-parallel worker processes (`mtssl.motion.videos.process_video`, no
-TensorFlow in the workers); the main process serializes their examples into
-TFRecord shards (`mtssl.data.motion_records`).
-
-Output directory:
-
-  shard-NNNNN.tfrecord    the training data (schema in records.py)
-  progress/batch-NNNNN.json
-                          completion records: the videos whose work is
-                          finished (with their shard), their frame counts and
-                          skip / rejection reasons
-  extraction.json         the settings of the run (a resumed run must match)
-  summary.json            totals over every batch, written at the end
-
-Atomicity and resume: a shard holds whole videos only and is written under a
-temporary name and renamed; its completion record is written (atomically)
-after it. A killed run therefore leaves complete shards only. A resumed run
-skips every video named in a completion record, deletes shards that no
-record names (written just before the kill, their videos are redone) and
-temporary files, and continues numbering after the last batch. Results come
-back in input order, so the shards of an uninterrupted run do not depend on
-the number of workers.
-
-A worker process that dies (e.g. a decoder crash on a malformed file) does
-not stop the run: the videos that were in flight are retried one at a time
-in fresh processes, and the one that kills its process is skipped as
-`failed`.
+The library behind tools/extract_motion_labels.py: videos go to worker
+processes (mtssl.motion.videos), the main process writes shards
+(mtssl.data.motion_records) and completion records. Output layout and
+resume: README, "Extracting labels"; design: BUILD.md, "Extraction tool".
 """
 
 import collections

@@ -1,65 +1,10 @@
-"""Motion-segmentation labels from video: which pixels will move on their own.
+"""Motion-segmentation labels from video frames (paper section 2), no TensorFlow.
 
-Paper section 2: "Keypoints are tracked over 10 frames, and any pixel not
-labeled as camera motion by [Improved Dense Trajectories] is treated as
-foreground. The label image is downsampled by a factor of 8." This module is
-that procedure on numpy frames, with OpenCV in place of the IDT binary. For
-frame t and the `track_length - 1` frames that follow it:
-
-1. Dense optical flow between consecutive frames: OpenCV's DIS flow
-   (Kroeger et al. 2016; 8x8 patches every 4 px, variational refinement) in
-   both directions. IDT uses Farneback flow; DIS is faster and, on pans of
-   the synthetic scenes, far more accurate (benchmarks/motion_labels.py
-   compares them).
-2. Camera motion per frame pair: a homography fitted with RANSAC (1 px
-   threshold) to flow correspondences sampled every 4 px, as IDT fits a
-   homography to matches between consecutive frames. The samples are taken on
-   a uniform grid (only forward-backward consistent ones), so RANSAC finds the
-   motion of the largest area, the background, even when the background is
-   less textured than the moving objects. IDT also feeds SURF matches and
-   masks out detected humans; neither is used here.
-3. Dense tracks: every pixel of frame t is followed through the flows; a
-   track ends where the forward-backward flow error exceeds 1 px (occlusion,
-   leaving the frame, flow failure). Each step's camera-compensated
-   displacement is the flow minus the homography's motion at the track's
-   position; a pixel's score is the median over its track of that per-frame
-   displacement (robust to the steps where flow is wrong).
-4. Foreground = tracked pixels with a score above `motion_threshold`
-   (1 px/frame). "Tracked" = started on texture (minimum eigenvalue of the
-   structure tensor above `texture_threshold`: IDT's criterion for where to
-   sample points, with an absolute threshold on the lightly blurred frame
-   instead of IDT's fraction of the frame's maximum, which sensor noise on
-   flat regions passes) and lasting at least `min_track_steps` steps. Pixels
-   without a usable track (flat regions: sky, object interiors) take the
-   majority vote of the tracked pixels within `fill_sigma`
-   (a normalized Gaussian convolution); far from any tracked pixel they are
-   background.
-5. Cleaning: patch-based flow bleeds over motion boundaries by about half a
-   patch, so the mask is eroded by `boundary_erosion` px, and regions smaller
-   than one label cell are removed.
-6. Label: the mask downsampled by `label_stride` (8): a label cell is
-   foreground when at least half of its pixels are (`downsample_mask`).
-
-Frames with too little or too much motion, or whose motion cannot be
-trusted, are rejected with a reason, as the label pipeline the paper builds
-on discards frames where motion segmentation fails (the thresholds are
-ours): `scene_cut` (hue-saturation histograms of
-consecutive frames differ by a Bhattacharyya distance above 0.5),
-`too_little_texture` (under 2 % of the frame textured: black, blank or
-washed-out frames), `unstable_camera` (no homography explains at least 30 %
-of the consistent flow samples: shake, blur, fast zoom), `too_little_motion`
-(under 1 % of the label foreground: nothing to learn) and `too_much_motion`
-(over 50 %: camera motion not compensated).
-
-Pixel thresholds are for 240x320 frames (the paper's frame size) and scale
-with the frame width, except the erosion, which follows the flow's patch
-size.
-
-On the built-in synthetic video (mtssl.data.synthetic_video, moving camera)
-the labels reach a foreground IoU of about 0.7 against the exact masks at the
-30x40 label resolution (tests/test_motion_labels.py; BUILD.md gives the
-measured figure); a static camera or a pure pan with nothing moving gives an
-empty or nearly empty label.
+`MotionLabeler` restates the camera-motion part of Improved Dense
+Trajectories: DIS flow, a RANSAC homography per frame pair, dense tracks over
+`track_length` frames, foreground = pixels whose camera-compensated motion
+stays above threshold, downsampled by 8; unusable frames are rejected with a
+reason. Choices against IDT and measured IoU: BUILD.md, "Motion segmentation".
 """
 
 import collections

@@ -1,24 +1,9 @@
 """Reading videos and turning one video into motion-labelled examples.
 
-The worker side of tools/extract_motion_labels.py: numpy and OpenCV only (no
-TensorFlow), so that worker processes start fast and stay small. Any
-container and codec OpenCV's FFmpeg backend reads works (mp4, avi, webm,
-mkv, mov, ...).
-
-`process_video` never raises: a video that cannot be used is skipped with a
-reason, counted in the run's summary:
-
-  empty_file     the file has zero bytes
-  still_image    the file is a JPEG/PNG/GIF/BMP/WebP/TIFF image (e.g. a
-                 photo renamed .mp4)
-  unreadable     OpenCV cannot open it (corrupt, truncated header, not a video)
-  no_frames      it opens but no frame decodes (zero-length video)
-  too_short      fewer frames than the tracking window (track_length)
-  failed         anything else that went wrong; the message is kept
-
-Frames are resized to the label size (paper: 240x320, aspect ratio not
-kept, as the paper "reshapes" every frame) before tracking, so labels and
-stored frames share one pixel grid.
+The worker side of tools/extract_motion_labels.py, numpy and OpenCV only.
+`process_video` never raises: an unusable video is skipped with a reason
+(`empty_file`, `still_image`, `unreadable`, `no_frames`, `too_short`,
+`failed`).
 """
 
 import dataclasses

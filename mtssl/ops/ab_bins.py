@@ -1,45 +1,14 @@
-"""Quantized ab colour space of colorization (Zhang, Isola, Efros 2016).
+"""The quantized ab colour space of colorization (Zhang, Isola & Efros 2016).
 
-Colorization predicts, per output pixel, a distribution over Q = 313 bins of
-the ab plane of CIE Lab. This module owns everything about those bins: the
-bin set, the soft encoding of targets, the class-rebalancing weights, the
-colour prior they come from (and its file format), and annealed-mean decoding.
+The 313 bins (Zhang et al.'s released list), soft encoding of targets,
+class-rebalancing weights, the colour prior and its file format, and
+annealed-mean decoding. Choices: BUILD.md, "Colorization".
 
-Bins (`ab_bins`)
-----------------
-The Q = 313 bin centres are Zhang et al.'s released list (`pts_in_hull.npy`),
-in their order (sorted by (a, b)), shipped as
-mtssl/data/priors/zhang_ab_bins_313.npy with its source and sha256 in the
-.json beside it. `gamut_ab_bins` computes a 313-bin set from the sRGB gamut
-instead (the grid points nearest to the ab region sRGB reaches); it is not
-used for training and serves to check the released list against the gamut
-(BUILD.md).
+Typical use:
 
-Soft encoding (`soft_encode`)
------------------------------
-A target ab is encoded by its k nearest bins with Gaussian weights
-exp(-d^2 / (2 sigma^2)), sigma = 5, normalized to sum to 1. The encoding is
-returned sparsely, as k bin indices (nearest first) and k weights, rather than
-as a dense 313-vector: the loss gathers k log-probabilities per pixel.
-
-Class rebalancing (`rebalancing_weights`)
------------------------------------------
-w = ((1 - lambda) p~ + lambda / Q)^-1, rescaled so that E_p~[w] = sum_q p~_q
-w_q = 1, with p~ the smoothed empirical bin distribution of the training data
-(the "prior"). lambda = 1 gives w = 1 everywhere, i.e. no rebalancing.
-
-The prior (`smooth_histogram`, `save_prior`, `load_prior`)
----------------------------------------------------------
-A histogram over the bins, smoothed as Zhang et al. do with a Gaussian of
-sigma 5 in ab units: p~_q is proportional to sum_j h_j exp(-|c_q - c_j|^2 /
-(2 sigma^2)), renormalized to sum to 1. Stored as a float64 .npy of shape
-[313] (with a .json of how it was made beside it), written atomically.
-
-Decoding (`annealed_mean`)
---------------------------
-The annealed mean of Zhang et al.: softmax(logits / T) weighted mean of the
-bin centres, T = 0.38. T = 1 is the mean of the predicted distribution, T -> 0
-its mode.
+    indices, weights = soft_encode(ab)   # k = 5 nearest bins, sigma 5
+    w = rebalancing_weights(load_prior(default_prior_path()))
+    ab = annealed_mean(logits)                      # T = 0.38
 """
 
 import functools

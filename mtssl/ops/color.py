@@ -1,18 +1,10 @@
 """sRGB <-> CIE Lab (D65) in TensorFlow, batched and differentiable.
 
-The colour space of colorization (Zhang et al. 2016) and of harmonization.
-The conversion is the standard one scikit-image implements exactly: sRGB
-companding (gamma), the sRGB/D65 RGB->XYZ matrix, normalization by the D65
-white point and the CIE f(t) with its linear segment below (6/29)^3. L is in
-[0, 100]; a and b are roughly in [-110, 110]. Inputs are RGB in [0, 1] with
-channels last and any leading shape.
-
-`fast=True` computes the same function with cheaper CPU kernels, for input
-pipelines: powers as exp(y * log(x)) instead of tf.pow (about 4x faster in
-TensorFlow's CPU kernels, within 1e-6 relative) and the 3x3 colour matrices
-as one MatMul of the flattened pixels instead of an einsum (7x faster on
-[H*W, 3] operands, within 2e-7). The default keeps the textbook form.
-tests/test_optimizations.py checks that both agree.
+The conversion scikit-image implements; RGB in [0, 1], channels last, any
+leading shape; L in [0, 100]. `fast=True` computes the same function with
+cheaper CPU kernels for input pipelines (BUILD.md, "Performance").
+`lightness_as_rgb` is the gray trunk input of colorization and harmonized
+relative position.
 """
 
 import tensorflow as tf

@@ -1,18 +1,9 @@
 """Adaptive max pooling to a fixed grid (the paper's 3x3x1024 block-3 feature).
 
-The paper's frozen-feature evaluation max-pools the block-3 map to 3x3x1024
-whatever the input size. The bins are those of adaptive pooling (as
-PyTorch's AdaptiveMaxPool2d): along an axis of length `n` split into `k`
-bins, bin `i` covers the half-open range
-
-    [floor(i * n / k), ceil((i + 1) * n / k))
-
-so bins are as equal as possible, together cover every position, and overlap
-by one position where `n` is not a multiple of `k`. For the 32x32 block-3 map
-of a 256x256 image at output stride 8 the three bins per axis are [0, 11),
-[10, 22) and [21, 32); for a 12x12 map they are [0, 4), [4, 8), [8, 12).
-Inputs smaller than the grid repeat positions (n = 2, k = 3 gives [0, 1),
-[0, 2), [1, 2)). The shapes may be dynamic.
+Along an axis of n positions and k bins, bin i covers
+[floor(i n / k), ceil((i + 1) n / k)), as PyTorch's AdaptiveMaxPool2d:
+32x32 -> bins [0, 11), [10, 22), [21, 32). Inputs smaller than the grid
+repeat positions; shapes may be dynamic.
 """
 
 from typing import List, Sequence, Tuple

@@ -1,34 +1,16 @@
-"""The self-supervised task interface and the task registry.
+"""The self-supervised task interface (`Task`) and the task registry.
 
-A task is one self-contained unit: its input pipeline, its head (a subclassed
-tf_keras Model), its loss and its metrics. The multi-task model
-(mtssl.models.multitask.MultiTaskModel) joins one shared trunk with any set of task heads
-and knows nothing task-specific, so a new task is a new module that subclasses
-`Task` and registers itself with `@register`; no other task changes.
+A task is one unit: source, input pipeline, `trunk_images`, head, loss,
+metrics and the class attributes the presets and the benchmark read. A new
+task is a module with a `Task` subclass registered with `@register`.
+Pipelines are deterministic under (seed, stream position) and resume at
+`start`.
 
-Contract of the input pipeline (`make_dataset`):
+Typical use:
 
-* It reads a source made by `make_source(spec)` and yields batched
-  `(features, labels)` dicts. `features['index']` holds, per example, the
-  position in the source stream it came from (int64 [B]).
-* It is deterministic under `seed`: every random choice for the example at
-  stream position k is drawn with stateless ops from (seed, k), and parallel
-  maps keep their order. Batch contents are therefore a function of
-  (seed, start) whatever the parallelism.
-* `start` is a stream position. The trainer records the last position a
-  trained batch used and resumes at the next one, which reproduces the
-  uninterrupted stream exactly.
-
-Contract of the forward pass (run by MultiTaskModel.task_outputs):
-
-    images = task.trunk_images(features)          # [N, H, W, 3] float32
-    representation = trunk(images)[output] or the task's lasso combination
-    outputs = head(representation, training=...)  # whatever loss() expects
-    loss = task.loss(labels, outputs)             # float32 scalar
-
-`trunk_images` may stack several images per example (relative position feeds
-both patches of a pair, exemplar all three patches of a triplet, through the
-trunk as one batch); the head rearranges them.
+    task = make_task('rp', batch_size=8)
+    source = task.make_source('synthetic')
+    dataset = task.make_dataset(source, batch_size=8, seed=0, start=0)
 """
 
 import abc

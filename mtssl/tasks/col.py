@@ -1,65 +1,14 @@
-"""Colorization (Zhang, Isola, Efros 2016) as the paper reimplemented it.
+"""Colorization (Zhang, Isola & Efros 2016; paper sections 2 and 3.4).
 
-Given the lightness of an image, predict its colour: a 313-way distribution
-over quantized ab bins (mtssl.ops.ab_bins) for every 8x8 region. Paper
-sections 2 and 3.4.
+From the lightness of a 256x256 crop, predict a 313-way ab distribution
+(mtssl.ops.ab_bins) per 8x8 cell. Holds `ColConfig`, the pipeline, the head,
+the rebalanced loss, metrics, prior estimation and colorizing helpers.
+Choices: BUILD.md, "Colorization".
 
-Input pipeline (`make_dataset`), per stream position k with randomness from
-(seed, k) only:
-  1. Resize the image so that its shorter side is `image_size` (bilinear with
-     antialiasing; skipped when it already is), take a random `image_size`
-     square crop and flip it left-right with probability 1/2 (Zhang et al.
-     crop and mirror too). Offsets and flip come from a stateless draw seeded
-     by fold_in((seed, k), 0xC01), so every task gets its own crops of a
-     shared stream.
-  2. Lab of the crop. Trunk input: `vgg_preprocess(lightness_as_rgb(crop))`,
-     the L channel scaled to [0, 255] and replicated x3, minus the VGG mean.
-  3. Target ab at the output stride: the mean ab of each stride x stride cell
-     (area average; for 256 x 256 inputs a 32 x 32 map). Averaging makes the
-     target of a logit the colour of the region its 8x8 cell covers; Zhang et
-     al. point-sample instead (every 4th pixel), which aliases texture. The
-     trunk's feature (i, j) is centred about 1.5 px from the cell centre.
-  4. Images without colour teach nothing: an example whose crop has
-     max(|a|, |b|) < `min_chroma` (3 ab units: JPEG noise in a grayscale
-     photo stays below it) is skipped and counted in the source's counter as
-     `col_skipped_grayscale`.
-  5. After batching, the target maps are soft-encoded (vectorized over the
-     batch): k nearest bins, Gaussian sigma 5. k defaults to 5, the value of
-     Zhang et al.'s paper (their released code uses 10; `num_neighbors`).
+Typical use:
 
-`fast_preprocessing` (default on) computes the Lab conversion of step 2 once
-with mtssl.ops.color's fast kernels (`fast=True`) and takes the trunk input
-from its L channel; off, the trunk input and the targets come from the
-plain conversions. Both give the same values within 1e-5 of the [0, 255]
-and ab ranges (tests/test_optimizations.py); the fast path is about 3x
-cheaper per example on a CPU core (benchmarks/results/).
-
-Head (paper 3.4): conv 2x2, 4096 -> conv 1x1, 4096 -> conv 1x1, 313 logits,
-all stride 1. The 2x2 convolution pads as TF/Slim SAME does at stride 1: one
-row and one column of zeros after the input (bottom, right), so the map keeps
-its size. The hidden convolutions follow the Slim arg scope the trunk uses
-(the original code was TF-Slim): no bias, batch norm (decay 0.997, eps 1e-5),
-ReLU, He init, weight decay 1e-4; `head_batch_norm=False` gives plain
-conv + bias + ReLU instead, the paper's wording read literally. The logits
-layer has a bias and no normalization, and runs in float32 under mixed
-precision. 34.87 M parameters on the 1024-channel trunk (35.7 G
-multiply-accumulates per 256 x 256 image).
-
-Loss: per-pixel 313-way softmax cross-entropy against the soft-encoded
-target, times the class-rebalancing weight of the pixel's nearest bin,
-averaged over pixels and batch (Zhang et al.'s sum over pixels, divided by
-their number). The weights have mean 1 under the prior, so the loss stays on
-the scale of an unweighted cross-entropy. The prior is estimated from
-training data with tools/estimate_color_prior.py; the default is the one of
-the built-in synthetic data, shipped in mtssl/data/priors/.
-
-Metrics: `loss`; `accuracy` (argmax bin = nearest bin of the target);
-`cross_entropy` (without rebalancing); `ab_error` (mean ab distance between
-the annealed-mean prediction and the target, at the output resolution).
-
-Decoding: annealed mean (T = 0.38), bilinearly upsampled to the input size and
-joined with the input's L. `image_summaries` and tools/colorize.py show gray
-input | prediction | truth side by side.
+    task = tasks.make_task('col')          # paper defaults, built-in prior
+    rgb = colorize_images(model, images)   # a trained model; uint8 RGB
 """
 
 import dataclasses

@@ -1,61 +1,9 @@
 """Exemplar (Dosovitskiy et al. 2014) in the paper's triplet form (section 2).
 
-A pseudo-class is one image and its augmentations. The network embeds 96x96
-patches; for a triplet (x1, x2 from one image, x3 from another) the loss is
-
-    max(D(f(x1), f(x2)) - D(f(x1), f(x3)) + M, 0),   D = 1 - cos,  M = 0.5,
-
-computed per triplet and averaged over the batch (the embeddings are not
-normalized across the batch; D itself is scale-invariant).
-
-Sampling of one example (image at stream position k):
-
-1. The image is resized to 256x256 (bilinear, antialiased; the aspect ratio is
-   not kept, as in the paper: "we resize our images to 256x256").
-2. A seed patch centre is drawn uniformly so that an unaugmented 96x96 patch
-   lies inside the image.
-3. x1 and x2 are two independent augmentations of the seed patch: each is a
-   96x96 view sampled through one affine warp
-   (`tf.raw_ops.ImageProjectiveTransformV3`, bilinear, reflecting at the
-   border) made of
-     * translation of the centre by up to 0.2 x 96 px per axis (uniform),
-     * scaling of the patch by a factor in [0.7, 1.4] (log-uniform),
-     * rotation by up to +-20 degrees (uniform),
-   the ranges of Dosovitskiy et al., followed by their colour shifts, done with
-   tf.image ops on RGB in [0, 1]:
-     * "contrast 1": the projection of every pixel (relative to the patch's
-       mean colour) on each principal component of ImageNet's pixel colours
-       (the fixed eigenvectors of Krizhevsky et al.) is multiplied by a factor
-       in [0.5, 2] (log-uniform, one per component),
-     * "contrast 2": saturation and value (HSV) are raised to a power in
-       [0.25, 4] (log-uniform), multiplied by a factor in [0.7, 1.4]
-       (log-uniform) and shifted by up to +-0.1 (uniform), independently for
-       S and V, then clipped to [0, 1],
-     * "color": hue is shifted by up to +-0.1 of the hue circle (uniform).
-   Log-uniform draws make a factor and its inverse equally likely.
-4. A third view, augmented the same way, is taken around a second,
-   independently drawn centre of the same image: the negative candidate.
-
-Triplets are arranged inside the batch: the negative x3 of example i is the
-negative candidate of example (i + 1) mod B, i.e. a patch from the image at
-another stream position (`labels['negative_index']` records which). A batch
-therefore needs at least two examples.
-
-`fast_preprocessing` (default on) applies the colour shifts of an example's
-three views as one batched computation with mtssl.ops.color's fast kernels
-(`color_shift_views`); off, every view is shifted on its own with the plain
-kernels. The draws are the same, and so are the patches within float32
-rounding (tests/test_optimizations.py).
-
-Every random draw is stateless, from (seed, k) and the draw's number; the
-arrangement is a fixed roll within the batch, so batches are a function of
-(seed, start, batch size).
-
-Model: the three patches of every example go through the trunk as one batch
-(`trunk_images` -> [3B, 96, 96, 3], example-major: x1, x2, candidate) and the
-head (`PatchEmbeddingHead`: two strided residual units, 3x3x512,
-flattened) returns [B, 3, 4608]. Metrics: triplet accuracy
-(D(f1, f2) < D(f1, f3)) and loss.
+Two augmentations of one 96x96 patch are a positive pair, a patch of another
+example of the batch the negative; loss max(D(x1, x2) - D(x1, x3) + 0.5, 0)
+with D = 1 - cos. Holds `ExConfig`, the augmentations, `PatchEmbeddingHead`
+and the task. Choices: BUILD.md, "Exemplar".
 """
 
 import dataclasses

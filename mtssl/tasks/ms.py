@@ -1,35 +1,9 @@
-"""Motion segmentation (Pathak et al. 2017) as the paper reimplemented it.
+"""Motion segmentation (Pathak et al. 2017; paper sections 2 and 3.4).
 
-Given one video frame, predict which pixels will move independently of the
-camera in the following frames. Paper sections 2 and 3.4.
-
-Inputs (`make_source`): `synthetic` (the built-in synthetic video, frame 0 of
-clip (seed, k) with its exact motion mask) or `tfrecord:/dir/or/glob` (labels
-extracted from any folder of videos by tools/extract_motion_labels.py, see
-mtssl/motion/labels.py); mtssl.data.motion_sources. The pipeline is
-position-addressed: example k is fixed by (seed, k) and `start` is a stream
-position. Frames are resized to `frame_height` x `frame_width` (paper:
-240x320, aspect ratio not kept, "we reshape all images to 240x320"; a no-op
-for extracted shards, which are stored at that size) and go through
-`vgg_preprocess`. The label is the motion mask at the trunk's output stride,
-frame / 8 (30x40); a label of another size is resampled by area and
-thresholded at 1/2. No augmentation: the paper names none.
-
-Head (paper 3.4): conv 1x1, 4096 -> conv 1x1, 4096 -> conv 1x1, 1 logit, on
-the 30x40x1024 block-3 map. The hidden convolutions follow the Slim arg
-scope the trunk uses (no bias, batch norm with decay 0.997 and epsilon 1e-5,
-ReLU, He init, weight decay 1e-4), as the colorization head does;
-`head_batch_norm=False` gives plain conv + bias + ReLU. The logit layer has a
-bias, no normalization, and runs in float32 under mixed precision. 21.0 M
-variables (20.99 M trainable) on the 1024-channel trunk; 25.2 G
-multiply-accumulates per 240x320 frame.
-
-Loss: per-pixel sigmoid cross-entropy with the label, averaged over pixels and
-batch ("a per-pixel cross-entropy with the label image"; no class weighting).
-
-Metrics: `loss`, `accuracy` (per-pixel, logit > 0 against the label) and
-`foreground_iou` (intersection over union of predicted and labelled moving
-pixels, accumulated as counts over all updates).
+From one video frame, predict which pixels will move independently of the
+camera (a per-pixel sigmoid at stride 8). Holds `MsConfig`, the pipeline on
+mtssl.data.motion_sources, the 1x1 convolution head, loss and metrics
+(`foreground_iou`). Choices: BUILD.md, "Motion segmentation".
 """
 
 import dataclasses

@@ -1,75 +1,15 @@
-"""Relative position (Doersch, Gupta & Efros 2015), as in paper section 2.
+"""Relative position (Doersch, Gupta & Efros 2015; paper section 2).
 
-Given two patches from adjacent points of a grid laid over one image, predict
-where the second patch lies relative to the first: an 8-way classification.
+Two patches from adjacent grid points of one image; predict where the second
+lies relative to the first (8 classes, `LABEL_OFFSETS`). Holds `RPConfig`,
+the pair sampling and colour dropping of the 2015 code, `RelativePositionHead`
+and the task. Choices: BUILD.md, "Relative position".
 
-Labels: the position of the SECOND patch relative to the FIRST,
+Typical use:
 
-    0 1 2
-    3 . 4          (row offset dy, column offset dx) = LABEL_OFFSETS[label]
-    5 6 7
-
-e.g. label 1 means the second patch is directly above the first, label 4
-directly to its right. This is the layout of the 2015 code (its `pos2lbl`,
-shifted to start at 0).
-
-Sampling of one example (image at stream position k), following the 2015 code
-(github.com/cdoersch/deepcontext, `imgloader` / `sample_patch`):
-
-1. Resize the image, keeping its aspect ratio, to T pixels with T drawn
-   uniformly from [150000, 450000] (bilinear, antialiased).
-2. An image whose shorter side is then below 2 * patch + gap (240 px: two
-   patches and the gap between them) cannot hold a pair; the resize above is
-   enlarged so that the shorter side is exactly that, and the event is
-   counted in the source's counter as `rp_upscaled_small_image` (the 2015
-   code skipped such images).
-3. The grid: cells of patch + gap = 144 px. Its origin is drawn uniformly from
-   [0, 143] in each axis (as in 2015), capped at side - 240 so that the grid
-   has at least 2x2 points; its size is floor((side + gap - origin) / 144).
-4. The label is drawn uniformly from the 8 directions, then the first grid
-   point uniformly among the points whose neighbour in that direction is on
-   the grid. (The 2015 code took every adjacent pair of a grid; drawing one
-   pair per example with a uniform label keeps the classes balanced.)
-5. Each patch is jittered independently by an integer drawn uniformly from
-   [-7, 7] per axis and clipped to the image, as in 2015; a clipped patch
-   stays within 7 px of its grid point because every grid cell fits the
-   image.
-
-Colour handling, per patch (paper sections 2 and 3.3):
-
-* Colour dropping (default), exactly the 2015 `prep_image`: one channel drawn
-  uniformly is kept and has its patch mean subtracted; the other two are
-  replaced by uniform noise in [-0.5, 0.5) (in 0-255 units); the whole patch
-  is then scaled to a root-mean-square of 50. The result is expressed as an
-  RGB image in the trunk's convention, i.e. it is centred on the VGG mean, so
-  that `vgg_preprocess` (RGB in [0, 255] minus the VGG mean) hands the trunk
-  exactly the 2015 values, which were meant for a mean-subtracted 0-255
-  network input as well ("scale by 50 so that the variance is roughly the same
-  as the usual AlexNet inputs").
-* Harmonized (`harmonize=True`, the paper's "/H"): the patch is converted to
-  Lab and its lightness L in [0, 100] is scaled to L * 255 / 100 and
-  replicated into the three channels (`mtssl.ops.color.lightness_as_rgb`, the
-  same function colorization uses for its input), then `vgg_preprocess`.
-  Colour dropping is not applied.
-
-`fast_preprocessing` (default on) never resizes the whole image: each patch
-is computed directly as its window of the resized image
-(`resized_windows`: TensorFlow's ScaleAndTranslate, the kernel behind
-tf.image.resize with antialiasing, asked for that window only), and
-harmonized patches use mtssl.ops.color's fast kernels. The patches are the
-same as cropping the resized image, within float32 rounding of the sampling
-positions (tests/test_optimizations.py), at a fraction of the cost: the
-resize to 150k-450k pixels was most of the work per example.
-
-The 2015 code also pixelated a third of its patches; neither the 2017 paper
-nor its description of the task mentions it, and it is not done here.
-
-Every random draw is stateless, from (seed, k) and the draw's number.
-
-Model: both patches of every pair go through the trunk as one batch
-(`trunk_images` -> [2B, 96, 96, 3], pair-major) and the head
-(`RelativePositionHead`) re-pairs them. Loss: softmax cross-entropy,
-mean over the batch. Metrics: accuracy and loss.
+    task = tasks.make_task('rp', batch_size=8)   # harmonize=True: "RP/H"
+    dataset = task.make_dataset(task.make_source('synthetic'), 8, seed=0)
+    features, labels = next(iter(dataset))
 """
 
 import dataclasses

@@ -1,32 +1,10 @@
 """Transitive invariance (Wang, He & Gupta 2017) as a task.
 
-A Triplet-Siamese network on 96x96 object patches. The positive pair of a
-triplet is an edge of the object graph (mtssl.data.object_graph): with
-probability `transitive_fraction` a transitive pair (two instances that look
-alike, at other moments of their tracks), otherwise an intra-instance pair
-(the two ends of one track); the paper trains on 7 M transitive and 2 M
-intra pairs, the default 7/9. The distractor X- of a triplet is the anchor of
-another example of the same batch whose parent cluster differs (the first
-such example after it, cyclically); a triplet without one is left out of the
-loss and counted (`labels['valid']`). Loss per triplet:
-
-    max(0, D(X, X+) - D(X, X-) + m),   D = 1 - cos,   m = 0.5.
-
-Sources (`make_source`): `synthetic` (a graph built in-process from clips
-of the built-in synthetic video stream 0, once per process and settings: the
-graph is fixed data, the run seed drives the draws of pairs) or `graph:/dir` (a
-graph directory written by tools/build_object_graph.py). Example k is a pure
-function of (seed, k): its edge type, edge and orientation are drawn from
-numpy's generator seeded by (seed, k).
-
-Head: the two strided residual units every patch task applies to each
-patch's block-3 features (3x3x512 for a 96x96 patch), flattened, then fully
-connected layers of `fc_widths` (paper: 4096 and 1024), ReLU between them;
-the 1024-d output is the embedding.
-
-Metrics: loss, triplet accuracy (D(X, X+) < D(X, X-)), the mean positive
-distance of intra and of transitive pairs, the mean negative distance, and
-the fraction of triplets that found a distractor.
+A Triplet-Siamese network on 96x96 object patches: positive pairs are edges
+of the object graph (mtssl.data.object_graph), negatives an anchor of another
+parent cluster in the batch; loss max(0, D(X, X+) - D(X, X-) + 0.5),
+D = 1 - cos. Sources `synthetic` or `graph:/dir`. Departures: BUILD.md,
+"Transitive invariance".
 """
 
 import dataclasses

@@ -1,18 +1,12 @@
-"""TF1's RMSPropOptimizer as a tf_keras optimizer (the paper's optimizer).
+"""`TF1RMSProp`: TF1's RMSPropOptimizer as a tf_keras optimizer (the paper's).
 
-The original code trained every task with `tf.train.RMSPropOptimizer`. Its
-update, for every variable, is
+Runs TF1's fused ResourceApplyRMSProp kernel with the mean-square slot
+starting at ones; defaults decay 0.9, momentum 0, epsilon 1e-10. How it
+differs from tf_keras' RMSprop: BUILD.md, "Optimizer".
 
-    ms  <- decay * ms + (1 - decay) * g^2          (ms starts at ONES)
-    mom <- momentum * mom + lr * g / sqrt(ms + epsilon)
-    var <- var - mom
+Typical use:
 
-tf_keras' RMSprop differs in two ways that matter early in training: its
-mean-square slot starts at zeros (the first steps are then ~1/sqrt(1 - decay)
-times larger), and without momentum it divides by sqrt(ms) + epsilon. This
-class keeps TF1's semantics exactly by running the same fused kernel TF1 used
-(ResourceApplyRMSProp) for every variable and initializing the slot to ones.
-Defaults are TF1's: decay 0.9, momentum 0.0, epsilon 1e-10.
+    optimizer = TF1RMSProp(learning_rate=1e-3)
 """
 
 import tensorflow as tf

@@ -1,20 +1,16 @@
 """A whole ParameterServerStrategy cluster on this machine, as real processes.
 
-For trying distributed training out and for tests: parameter servers,
-workers and the coordinator run as separate processes on free localhost
-ports, each with its own TF_CONFIG and the same command line, exactly as on
-a real cluster. Every process is started in its own process group and
-`stop()` (also on leaving the `with` block, whatever happened) ends every
-group it started: first SIGTERM, then SIGKILL after a grace period.
+Parameter servers, workers and the coordinator run on free localhost ports,
+each with its own TF_CONFIG and process group; `stop()` (also on leaving the
+`with` block) ends them all. tools/launch_local_cluster.py is the front end.
 
-    with LocalCluster(['-m', 'mtssl.train', '--tasks=rp,col',
-                       '--task_workers=rp:2,col:1'],
-                      num_ps=1, num_workers=3, log_dir='/tmp/logs') as c:
+Typical use:
+
+    with LocalCluster(['-m', 'mtssl.train', '--tasks=rp,col'], num_ps=1,
+                      num_workers=3, log_dir='/tmp/logs') as c:
       c.start_servers()
       c.start_coordinator()
       rc = c.wait_coordinator(timeout=3600)
-
-`tools/launch_local_cluster.py` is the command-line front end.
 """
 
 import contextlib
