@@ -32,7 +32,7 @@ EXIT_NONFINITE = 3
 EXIT_CLUSTER = 4
 
 _CONFIG = flags.DEFINE_enum('config', 'cpu', sorted(configs.PRESETS),
-                            'preset every other flag overrides (mtssl/configs.py)')
+                            'preset every other flag overrides (mtssl/configs/training.py)')
 _TASKS = flags.DEFINE_list('tasks', None,
                            'tasks to train jointly, any of '
                            + ', '.join(tasks_lib.task_names())

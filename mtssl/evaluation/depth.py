@@ -22,7 +22,6 @@ from mtssl.models import lasso as lasso_lib
 from mtssl.ops import preprocessing
 from mtssl.backbones import resnet_v2 as resnet_lib
 from mtssl.evaluation import augment
-from mtssl.evaluation import data as data_lib
 from mtssl.evaluation import metrics as metrics_lib
 from mtssl.evaluation import registry
 from mtssl.evaluation import runner
