@@ -38,7 +38,7 @@ import numpy as np
 
 from mtssl.data import synthetic
 from mtssl.data import synthetic_video
-from mtssl.motion import extraction
+from mtssl.data import motion_extraction as extraction
 from mtssl.motion import labels as labels_lib
 from mtssl.motion import videos
 # pylint: enable=wrong-import-position

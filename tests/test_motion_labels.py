@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from mtssl.data import motion_sources
 from mtssl.data import synthetic_video as sv
-from mtssl.motion import extraction
+from mtssl.data import motion_extraction as extraction
 from mtssl.motion import labels as labels_lib
 from mtssl.data import motion_records as records
 from mtssl.motion import videos

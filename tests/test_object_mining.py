@@ -15,7 +15,7 @@ from mtssl.ops import preprocessing
 from mtssl.backbones import resnet_v2
 from mtssl.data import graph_records
 from mtssl.data import object_graph
-from mtssl.data import object_mining
+from mtssl.tasks import ti_mining as object_mining
 from mtssl.data import synthetic_video
 from mtssl.tasks import rp
 

@@ -25,7 +25,7 @@ from mtssl.configs import training as configs
 from mtssl.data import sources
 from mtssl.configs import evaluation as evaluation_config
 from mtssl.evaluation import factory
-from mtssl.motion import extraction
+from mtssl.data import motion_extraction as extraction
 from mtssl.motion import labels as labels_lib
 from mtssl.data import motion_records as records
 from mtssl.motion import videos

@@ -6,7 +6,7 @@ r"""Builds the object graph of transitive invariance from a folder of videos.
 Moving objects are mined and tracked for 30 frames, embedded with the rp
 trunk and patch units of --checkpoint, clustered (k-means parents, mutual
 top-10 child clusters of 4) and linked by transitivity
-(mtssl/data/object_mining.py). The graph goes to OUTPUT_DIR/graph (schema in
+(mtssl/tasks/ti_mining.py). The graph goes to OUTPUT_DIR/graph (schema in
 mtssl/data/graph_records.py), which the ti task reads with
 `--ti_data=graph:OUTPUT_DIR/graph`; OUTPUT_DIR/graph/summary.json counts
 nodes, parents, child clusters, every edge type and every rejection reason.
@@ -16,17 +16,14 @@ Exit status: 0 done, 2 the graph could not be built (the message says why).
 """
 
 import json
-import os
 import sys
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mtssl.backbones import resnet_v2  # pylint: disable=wrong-import-position
-from mtssl.data import object_graph  # pylint: disable=wrong-import-position
-from mtssl.data import object_mining  # pylint: disable=wrong-import-position
+from mtssl.backbones import resnet_v2
+from mtssl.data import object_graph
+from mtssl.tasks import ti_mining as object_mining
 
 _VIDEOS = flags.DEFINE_string('videos', None, 'Folder of videos (searched '
                               'recursively).')

@@ -26,7 +26,7 @@ import sys
 from absl import app
 from absl import flags
 
-from mtssl.motion import extraction
+from mtssl.data import motion_extraction as extraction
 from mtssl.motion import labels
 from mtssl.motion import videos
 

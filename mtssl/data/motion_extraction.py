@@ -21,6 +21,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from mtssl.utils import io_utils
+from mtssl.data import motion_records as records
 from mtssl.motion import videos as videos_lib
 
 FORMAT_VERSION = 1
@@ -258,7 +259,6 @@ def run_extraction(input_dir: str, output_dir: str,
         f'Video folder {input_dir!r} holds no video files '
         f'({", ".join(videos_lib.VIDEO_EXTENSIONS)}).')
   # TensorFlow (for writing TFRecords) only once the run can start.
-  from mtssl.data import motion_records as records  # pylint: disable=g-import-not-at-top
   workers = max(1, workers or os.cpu_count() or 1)
   os.makedirs(os.path.join(output_dir, PROGRESS_DIR), exist_ok=True)
   if overwrite:
