@@ -134,8 +134,10 @@ class ClusterTest(tf.test.TestCase):
       if match:
         return match
       if not self.cluster.alive(local_cluster.CHIEF):
+        log = '\n'.join(l for l in self.coordinator_log().splitlines()
+                        if 'could not be found' not in l)
         self.fail(f'The coordinator ended before logging {pattern!r}:\n'
-                  f'{self.coordinator_log()[-4000:]}')
+                  f'{log[-4000:]}')
       time.sleep(0.5)
     self.fail(f'No {pattern!r} in the coordinator log after {timeout} s:\n'
               f'{self.coordinator_log()[-4000:]}')
