@@ -17,6 +17,7 @@ Source specifications (one string, e.g. a flag value):
   synthetic                  procedurally generated scenes (mtssl.data.synthetic)
   folder:/path/to/images     every JPEG/PNG/BMP/WebP file below the folder
   tfds:NAME[:SPLIT]          a prepared TFDS dataset (never downloaded here)
+  tfrecord:/dir/or/glob      image shards (mtssl.data.image_records)
 """
 
 import abc
@@ -345,6 +346,9 @@ def make_image_source(spec: str, tfds_data_dir: Optional[str] = None,
   if kind == 'tfds' and rest:
     name, _, split = rest.partition(':')
     return TfdsImageSource(name, split or 'train', data_dir=tfds_data_dir)
+  if kind == 'tfrecord' and rest:
+    from mtssl.data import image_records  # pylint: disable=g-import-not-at-top
+    return image_records.TfrecordImageSource(rest)
   raise DataSourceError(
-      f'Unknown data source {spec!r}: use "synthetic", "folder:/path" or '
-      f'"tfds:name[:split]".')
+      f'Unknown data source {spec!r}: use "synthetic", "folder:/path", '
+      f'"tfds:name[:split]" or "tfrecord:/dir/or/glob".')

@@ -15,6 +15,7 @@ from absl import logging
 
 from mtssl.configs import training as configs
 from mtssl.data import prefetch
+from mtssl.data import problems
 from mtssl.training import run as run_lib
 
 NonFiniteLossError = run_lib.NonFiniteLossError
@@ -75,7 +76,7 @@ class Trainer:
         if cfg.prefetch_to_device:
           ds = prefetch.to_device(ds)
         self.iterators[name] = iter(ds)
-        first[name] = next(self.iterators[name])
+        first[name] = self._take(name)
       run.model.build_all({n: f for n, (f, _) in first.items()})
       self._pending = dict(first)
       run.restore_or_initialize(restore_status)
@@ -106,10 +107,15 @@ class Trainer:
       return True
     return cfg.max_cost is not None and total_cost >= cfg.max_cost
 
+  def _take(self, name):
+    batch = next(self.iterators[name])
+    problems.take_counts(batch[0], self.sources[name].counter)
+    return batch
+
   def _next_batch(self, name):
     if name in self._pending:
       return self._pending.pop(name)
-    return next(self.iterators[name])
+    return self._take(name)
 
   def save(self):
     return self.run.save()
