@@ -16,6 +16,7 @@ from absl import logging
 from mtssl.configs import training as configs
 from mtssl.data import prefetch
 from mtssl.data import problems
+from mtssl.data import service
 from mtssl.training import run as run_lib
 
 NonFiniteLossError = run_lib.NonFiniteLossError
@@ -64,6 +65,12 @@ class Trainer:
       return self
     cfg, run = self.config, self.run
     run.prepare()
+    addresses = {n: cfg.tasks[n].data_service or cfg.data_service
+                 for n in run.tasks}
+    for name, address in addresses.items():
+      if address:
+        service.check_servable(name, run.sources[name])
+        service.check_reachable(address)
     with run.precision_policy():
       restore_status = run.create_model_and_state()
       first = {}
@@ -72,6 +79,12 @@ class Trainer:
                                cfg.tasks[name].config.batch_size,
                                seed=run.task_seed(name),
                                start=int(run.state.positions[name].numpy()))
+        if addresses[name]:
+          ds = service.distribute(
+              ds, addresses[name], service.job_name(
+                  name, run.task_seed(name),
+                  int(run.state.positions[name].numpy())),
+              cfg.data_service_mode)
         ds = ds.prefetch(tf.data.AUTOTUNE)
         if cfg.prefetch_to_device:
           ds = prefetch.to_device(ds)
