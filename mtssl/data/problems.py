@@ -130,5 +130,12 @@ def filter_counted(ds: tf.data.Dataset, counter, predicate: Callable,
     new_state = tf.where(keep, tf.zeros_like(counts), counts + dropped)
     return new_state, ((features,) + tuple(element[1:]), keep)
 
-  ds = ds.scan(counter.zeros(), _step)
-  return ds.filter(lambda element, keep: keep).map(lambda element, keep: element)
+  def _kept(element, keep):
+    del element
+    return keep
+
+  def _element(element, keep):
+    del keep
+    return element
+
+  return ds.scan(counter.zeros(), _step).filter(_kept).map(_element)
