@@ -10,6 +10,7 @@ from mtssl.configs import training as configs
 from mtssl.data import image_records
 from mtssl.data import problems
 from mtssl.data import sources
+from mtssl.tasks import col
 from mtssl.tasks import rp
 from mtssl.training import trainer as trainer_lib
 from tests import test_sources
@@ -199,6 +200,21 @@ class TfrecordSourceTest(tf.test.TestCase):
     self.assertEqual(sum(v for k, v in counts.items()
                          if not k.startswith('skipped') and k != rp.UPSCALE_REASON),
                      2)
+
+  def test_counts_in_process_for_consumers_that_do_not_take_them(self):
+    # col on the cluster workers: the grayscale image col drops is counted
+    # there, with the skips of the source.
+    source = sources.make_image_source('tfrecord:' + self.shards)
+    task = col.ColorizationTask(col.ColConfig(batch_size=2, image_size=32,
+                                              head_widths=(16, 16)))
+    ds = problems.count_in_process(task.make_dataset(source, 2, seed=0),
+                                   source.counter)
+    # 5 colour images per epoch: 3 batches pass the grayscale one.
+    for features, _ in ds.take(3):
+      self.assertNotIn(problems.PROBLEMS_KEY, features)
+    counts = source.counter.snapshot()
+    self.assertGreaterEqual(counts[col.SKIP_REASON], 1)
+    self.assertGreaterEqual(counts['skipped_corrupt'], 2)
 
 
 class ResumeThroughTrainerTest(tf.test.TestCase):

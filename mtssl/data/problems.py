@@ -139,3 +139,25 @@ def filter_counted(ds: tf.data.Dataset, counter, predicate: Callable,
     return element
 
   return ds.scan(counter.zeros(), _step).filter(_kept).map(_element)
+
+
+def count_in_process(ds: tf.data.Dataset, counter) -> tf.data.Dataset:
+  """Batches without PROBLEMS_KEY, whose counts go to `counter` through
+  numpy_function: for pipelines that run in the counter's own process and
+  whose consumer does not call `take_counts` (the cluster workers)."""
+  if PROBLEMS_KEY not in ds.element_spec[0]:
+    return ds
+
+  def _add(counts):
+    counter.add_vector(counts)
+    return np.int32(0)
+
+  def _take(features, *rest):
+    features = dict(features)
+    counts = features.pop(PROBLEMS_KEY)
+    done = tf.numpy_function(_add, [counts], tf.int32, stateful=True)
+    with tf.control_dependencies([done]):
+      features = tf.nest.map_structure(tf.identity, features)
+    return (features,) + rest
+
+  return ds.map(_take)
