@@ -301,6 +301,8 @@ def _check_file(path: str) -> Tuple[Optional[bytes], str]:
       data = f.read()
   except OSError:
     return None, 'skipped_unreadable'
+  if data[:4] == b'RIFF':  # WebP: OpenCV reads it, TensorFlow's decoder not.
+    return None, 'skipped_webp'
   _, status = sources.decode_image_bytes(data)
   if status in sources.SKIPPED:
     return None, sources.STATUS_NAMES[status]
