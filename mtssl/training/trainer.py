@@ -165,8 +165,11 @@ class Trainer:
       out = self.steps[name](features, labels)
       finite = bool(out['finite'])
       t2 = time.perf_counter()
-      self.state.positions[name].assign(
-          int(tf.reduce_max(features['index']).numpy()) + 1)
+      # The highest position trained on (+1): under the data service's
+      # dynamic sharding batches arrive out of order.
+      self.state.positions[name].assign(max(
+          int(self.state.positions[name].numpy()),
+          int(tf.reduce_max(features['index']).numpy()) + 1))
       self.state.global_step.assign_add(1)
       w = window[name]
       w['input_s'] += t1 - t0
