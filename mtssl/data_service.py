@@ -31,6 +31,8 @@ def main(argv) -> int:
   from mtssl.data import service  # pylint: disable=g-import-not-at-top
   service_lib = tf.data.experimental.service
   dispatcher = None
+  where = (f'workers for dispatcher {_DISPATCHER.value}' if _DISPATCHER.value
+           else f'dispatcher on port {_PORT.value}')
   try:
     if _DISPATCHER.value:
       host, port = service.parse_address(_DISPATCHER.value)
@@ -43,7 +45,8 @@ def main(argv) -> int:
         worker_address=f'{_HOST.value}:%port%'))
                for _ in range(_WORKERS.value)]
   except (service.DataServiceError, tf.errors.OpError, RuntimeError) as e:
-    print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
+    print(f'error: cannot start the {where}: {str(e).splitlines()[0]} (is the '
+          f'port in use?)', file=sys.stderr)
     return 2
   print(f'data service: dispatcher grpc://{host}:{port}'
         f'{" (remote)" if dispatcher is None else ""}, {len(workers)} '
