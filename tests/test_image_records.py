@@ -16,15 +16,14 @@ from mtssl.training import trainer as trainer_lib
 from tests import test_sources
 
 
-def decode_graph(data: bytes):
-  """(image, status) of one record holding `data`, through the graph path."""
-  record = image_records.serialize_image(data)
-  ds = tf.data.Dataset.from_tensors(tf.constant(record)).flat_map(
+def decode_graph(payloads):
+  """[(image, status)] of records holding `payloads`, through the graph path."""
+  records = [image_records.serialize_image(p) for p in payloads]
+  ds = tf.data.Dataset.from_tensor_slices(records).flat_map(
       lambda r: tf.data.Dataset.from_tensors(r).map(
           image_records._decode_record).ignore_errors().concatenate(  # pylint: disable=protected-access
               image_records._unreadable()).take(1))  # pylint: disable=protected-access
-  image, status = next(iter(ds))
-  return image.numpy(), int(status)
+  return [(image.numpy(), int(status)) for image, status in ds]
 
 
 def write_shard(path, payloads):
@@ -43,12 +42,15 @@ class DecodeTest(tf.test.TestCase):
   def test_graph_decode_matches_the_python_decode(self):
     root = self.get_temp_dir()
     test_sources.write_folder(root)
-    for name in ('a.jpg', 'nested/b.png', 'gray.png', 'alpha.png',
-                 'deep16.png', 'empty.jpg', 'corrupt.png', 'truncated.jpg'):
+    names = ('a.jpg', 'nested/b.png', 'gray.png', 'alpha.png', 'deep16.png',
+             'empty.jpg', 'corrupt.png', 'truncated.jpg')
+    payloads = []
+    for name in names:
       with open(os.path.join(root, name), 'rb') as f:
-        data = f.read()
+        payloads.append(f.read())
+    for name, data, (image, status) in zip(names, payloads,
+                                           decode_graph(payloads)):
       expected, expected_status = sources.decode_image_bytes(data)
-      image, status = decode_graph(data)
       self.assertEqual(status, expected_status, name)
       if expected is None:
         continue
