@@ -11,6 +11,7 @@ from mtssl.data import image_records
 from mtssl.data import problems
 from mtssl.data import sources
 from mtssl.tasks import col
+from mtssl.tasks import ex
 from mtssl.tasks import rp
 from mtssl.training import trainer as trainer_lib
 from tests import test_sources
@@ -202,6 +203,17 @@ class TfrecordSourceTest(tf.test.TestCase):
     self.assertEqual(sum(v for k, v in counts.items()
                          if not k.startswith('skipped') and k != rp.UPSCALE_REASON),
                      2)
+
+  def test_ex_batches_carry_counts(self):
+    source = sources.make_image_source('tfrecord:' + self.shards)
+    task = ex.ExemplarTask(ex.ExConfig(**dict(ex.ExemplarTask.cpu_overrides,
+                                              batch_size=2)))
+    features, _ = next(iter(task.make_dataset(source, 2, seed=0)))
+    problems.take_counts(features, source.counter)
+    self.assertNotIn(problems.PROBLEMS_KEY, features)
+    # One decode status per example of the batch, besides any skips.
+    self.assertEqual(sum(v for k, v in source.counter.snapshot().items()
+                         if not k.startswith('skipped')), 2)
 
   def test_counts_in_process_for_consumers_that_do_not_take_them(self):
     # col on the cluster workers: the grayscale image col drops is counted

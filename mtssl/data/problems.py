@@ -83,9 +83,9 @@ def map_examples(source, seed: int, start: int, fn: Callable,
                  **map_kwargs) -> tf.data.Dataset:
   """`source.images(seed, start).map(fn)`, carrying counts on graph sources.
 
-  `fn(index, image)` returns (features, labels, ...); on a graph-only source
-  features gain PROBLEMS_KEY: the source's counts plus the `counter.note`
-  events of `fn`.
+  `fn(index, image)` returns (features, labels, ...) or features; on a
+  graph-only source features gain PROBLEMS_KEY: the source's counts plus the
+  `counter.note` events of `fn`.
   """
   if not is_graph_only(source):
     return source.images(seed, start).map(fn, **map_kwargs)
@@ -103,6 +103,8 @@ def map_examples(source, seed: int, start: int, fn: Callable,
       stack.pop()
     for reason, condition in notes:
       counts += tf.cast(condition, tf.int64) * counter.one_hot(reason)
+    if isinstance(out, dict):  # features alone (ex)
+      return dict(out, **{PROBLEMS_KEY: counts})
     features = dict(out[0])
     features[PROBLEMS_KEY] = counts
     return (features,) + tuple(out[1:])
