@@ -148,3 +148,13 @@ class DataServiceTest(tf.test.TestCase):
                       data_service='localhost')
     with self.assertRaisesRegex(configs.ConfigError, 'data_service='):
       cfg.validate()
+
+
+class WaitingNoticeTest(tf.test.TestCase):
+
+  def test_a_long_wait_for_the_first_batch_is_logged(self):
+    with self.assertLogs(level='WARNING') as logs:
+      with service.waiting_notice('rp', 'grpc://localhost:5050', every_s=0.2):
+        time.sleep(0.7)
+    self.assertRegex(logs.output[0], 'rp: no batch from the data service '
+                     'grpc://localhost:5050 after 0 s; is a worker registered')

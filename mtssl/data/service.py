@@ -15,11 +15,14 @@ Only pipelines without Python in them can run on a worker: sources whose
 counter is graph-only (tfrecord:) are; the others are refused by name.
 """
 
+import contextlib
 import re
 import socket
+import threading
 from typing import Tuple
 
 import tensorflow as tf
+from absl import logging
 
 from mtssl.data import problems
 from mtssl.data import sources
@@ -81,3 +84,26 @@ def distribute(ds: tf.data.Dataset, address: str, job: str,
   host, port = parse_address(address)
   return ds.apply(tf.data.experimental.service.distribute(
       processing_mode=policy, service=f'grpc://{host}:{port}', job_name=job))
+
+
+@contextlib.contextmanager
+def waiting_notice(task: str, address: str, every_s: float = 60.0):
+  """Logs a warning every `every_s` seconds while the block runs: the first
+  batch waits without end on a dispatcher that has no worker."""
+  stop = threading.Event()
+
+  def _warn():
+    waited = 0.0
+    while not stop.wait(every_s):
+      waited += every_s
+      logging.warning(
+          '%s: no batch from the data service %s after %d s; is a worker '
+          'registered with the dispatcher (python -m mtssl.data_service '
+          '--dispatcher=HOST:PORT --workers=N)?', task, address, waited)
+
+  thread = threading.Thread(target=_warn, daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    stop.set()

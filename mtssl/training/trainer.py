@@ -7,6 +7,7 @@ schedule, input, step, counters, logs, summaries, checkpoints and snapshots.
 """
 
 import collections
+import contextlib
 import time
 from typing import Dict, Optional
 
@@ -89,7 +90,9 @@ class Trainer:
         if cfg.prefetch_to_device:
           ds = prefetch.to_device(ds)
         self.iterators[name] = iter(ds)
-        first[name] = self._take(name)
+        with (service.waiting_notice(name, addresses[name])
+              if addresses[name] else contextlib.nullcontext()):
+          first[name] = self._take(name)
       run.model.build_all({n: f for n, (f, _) in first.items()})
       self._pending = dict(first)
       run.restore_or_initialize(restore_status)
