@@ -11,6 +11,7 @@ Typical use:
 """
 
 import dataclasses
+import re
 from typing import Dict, Optional, Sequence, Tuple
 
 from mtssl import tasks as tasks_lib
@@ -18,6 +19,7 @@ from mtssl.configs import base
 from mtssl.configs.base import ConfigError  # pylint: disable=unused-import
 from mtssl.backbones import resnet_v2
 
+_SERVICE_ADDRESS = re.compile(r'^(grpc://)?[^:/\s]+:\d{1,5}$')
 IMAGENET_TRAIN_IMAGES = 1_281_167
 PAPER_TOTAL_GPU_HOURS = 16_800.0
 PAPER_SNAPSHOT_GPU_HOURS = 2_400.0
@@ -25,6 +27,7 @@ PAPER_SNAPSHOT_GPU_HOURS = 2_400.0
 MIXED_PRECISION = ('none', 'bf16', 'fp16')
 SCHEDULES = ('round_robin', 'weighted')
 COST_MODELS = ('measured', 'paper')
+DATA_SERVICE_MODES = ('dynamic', 'off')
 
 
 def paper_seconds_per_example(task: str) -> Optional[float]:
@@ -38,14 +41,18 @@ class TaskRun:
   """How one task takes part in a run (flags --<task>_<field>)."""
   config: tasks_lib.TaskConfig
   data: str = base.field(
-      'synthetic', 'data source: synthetic, folder:/path or tfds:name[:split] '
-      '(ms: synthetic or tfrecord:/dir; ti: synthetic or graph:/dir)')
+      'synthetic', 'data source: synthetic, folder:/path, tfds:name[:split] or '
+      'tfrecord:/dir/or/glob (ms: synthetic or tfrecord:/dir of motion shards; '
+      'ti: synthetic or graph:/dir)')
   learning_rate: float = base.field(1e-3, 'RMSProp learning rate (constant, as in '
                                 'the paper)')
   step_cost: Optional[float] = base.field(
       None, 'device-hours per step for compute accounting (default: measured, '
       'or the paper figure with --cost_model=paper)')
   weight: float = base.field(1.0, 'relative frequency under --schedule=weighted')
+  data_service: Optional[str] = base.field(
+      None, 'tf.data service dispatcher (grpc://HOST:PORT) for this task\'s '
+      'pipeline; overrides --data_service')
 
 
 @dataclasses.dataclass
@@ -102,6 +109,14 @@ class TrainConfig:
   deterministic: bool = base.field(False, 'enable TensorFlow op determinism '
                                '(bit-exact resume on CPU; slower)')
   tfds_data_dir: Optional[str] = base.field(None, 'TFDS data_dir for tfds: sources')
+  data_service: Optional[str] = base.field(
+      None, 'tf.data service dispatcher (grpc://HOST:PORT, started by python -m '
+      'mtssl.data_service) that runs every task\'s input pipeline; tfrecord: '
+      'sources only')
+  data_service_mode: str = base.field(
+      'dynamic', 'dynamic: each stream position once, any order; off: every '
+      'worker runs the whole stream (one worker: the local batches exactly)',
+      choices=DATA_SERVICE_MODES)
 
   def validate(self):
     """Raises ConfigError naming the first invalid field."""
@@ -175,6 +190,13 @@ class TrainConfig:
       raise ConfigError(
           'profile_steps must be two global steps A,B with 1 <= A <= B, got '
           f'{",".join(map(str, self.profile_steps))}.')
+    if self.data_service_mode not in DATA_SERVICE_MODES:
+      raise ConfigError(f'data_service_mode must be one of '
+                        f'{DATA_SERVICE_MODES}, got {self.data_service_mode!r}.')
+    for name, address in [('data_service', self.data_service)] + [
+        (f'{n}_data_service', r.data_service) for n, r in self.tasks.items()]:
+      if address is not None and not _SERVICE_ADDRESS.match(address):
+        raise ConfigError(f'{name}={address!r} is not grpc://HOST:PORT.')
 
   def step_cost_from_paper(self, name: str) -> Optional[float]:
     """Device-hours per step of task `name` under the paper's accounting."""

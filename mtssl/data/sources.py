@@ -7,8 +7,9 @@ from `validate()`.
 
 Typical use:
 
-    source = make_image_source('folder:/data/images')
-    source.validate()
+    source = make_image_source('folder:/data/images')   # or synthetic,
+    source.validate()                                  # tfds:NAME[:SPLIT],
+                                                       # tfrecord:/dir/or/glob
 """
 
 import abc
@@ -337,6 +338,9 @@ def make_image_source(spec: str, tfds_data_dir: Optional[str] = None,
   if kind == 'tfds' and rest:
     name, _, split = rest.partition(':')
     return TfdsImageSource(name, split or 'train', data_dir=tfds_data_dir)
+  if kind == 'tfrecord' and rest:
+    from mtssl.data import image_records  # pylint: disable=g-import-not-at-top
+    return image_records.TfrecordImageSource(rest)
   raise DataSourceError(
-      f'Unknown data source {spec!r}: use "synthetic", "folder:/path" or '
-      f'"tfds:name[:split]".')
+      f'Unknown data source {spec!r}: use "synthetic", "folder:/path", '
+      f'"tfds:name[:split]" or "tfrecord:/dir/or/glob".')

@@ -24,6 +24,7 @@ from mtssl.utils import io_utils
 from mtssl.ops import preprocessing
 from mtssl.backbones import resnet_v2
 from mtssl.backbones import slim_checkpoint
+from mtssl.data import problems
 from mtssl.ops import ab_bins
 from mtssl.ops import color
 from mtssl.tasks import base
@@ -226,10 +227,10 @@ class ColorizationTask(base.Task):
   def examples(self, source, seed: int, start: int = 0) -> tf.data.Dataset:
     """Unbatched (features, labels) before soft encoding; grayscale skipped."""
     counter = source.counter
-    ds = source.images(seed, start).map(
-        lambda k, image: self._example(k, image, seed),
+    ds = problems.map_examples(
+        source, seed, start, lambda k, image: self._example(k, image, seed),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.filter(lambda f, l, ok: counter.keep(ok, SKIP_REASON))
+    ds = problems.filter_counted(ds, counter, lambda f, l, ok: ok, SKIP_REASON)
     return ds.map(lambda f, l, ok: (f, l))
 
   def encode_targets(self, features, labels):

@@ -15,6 +15,7 @@ import tensorflow as tf
 import tf_keras
 
 from mtssl.backbones import resnet_v2
+from mtssl.data import problems
 from mtssl.ops import color
 from mtssl.ops import preprocessing
 from mtssl.tasks import base
@@ -304,8 +305,9 @@ class ExemplarTask(base.Task):
     def _example(index, image):
       return self.example(index, image, seed)
 
-    ds = source.images(seed, start).map(
-        _example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = problems.map_examples(source, seed, start, _example,
+                               num_parallel_calls=tf.data.AUTOTUNE,
+                               deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True)
     return ds.map(self.arrange_triplets).prefetch(tf.data.AUTOTUNE)
 

@@ -7,6 +7,7 @@ schedule, input, step, counters, logs, summaries, checkpoints and snapshots.
 """
 
 import collections
+import contextlib
 import time
 from typing import Dict, Optional
 
@@ -16,6 +17,8 @@ from absl import logging
 from mtssl.configs import training as configs
 from mtssl.data import prefetch
 from mtssl.training import monitoring
+from mtssl.data import problems
+from mtssl.data import service
 from mtssl.training import run as run_lib
 
 NonFiniteLossError = run_lib.NonFiniteLossError
@@ -65,6 +68,12 @@ class Trainer:
     cfg, run = self.config, self.run
     run.prepare()
     self.config_changes = monitoring.save_config(cfg)
+    addresses = {n: cfg.tasks[n].data_service or cfg.data_service
+                 for n in run.tasks}
+    for name, address in addresses.items():
+      if address:
+        service.check_servable(name, run.sources[name])
+        service.check_reachable(address)
     with run.precision_policy():
       restore_status = run.create_model_and_state()
       first = {}
@@ -73,11 +82,19 @@ class Trainer:
                                cfg.tasks[name].config.batch_size,
                                seed=run.task_seed(name),
                                start=int(run.state.positions[name].numpy()))
+        if addresses[name]:
+          ds = service.distribute(
+              ds, addresses[name], service.job_name(
+                  name, run.task_seed(name),
+                  int(run.state.positions[name].numpy())),
+              cfg.data_service_mode)
         ds = ds.prefetch(tf.data.AUTOTUNE)
         if cfg.prefetch_to_device:
           ds = prefetch.to_device(ds)
         self.iterators[name] = iter(ds)
-        first[name] = next(self.iterators[name])
+        with (service.waiting_notice(name, addresses[name])
+              if addresses[name] else contextlib.nullcontext()):
+          first[name] = self._take(name)
       run.model.build_all({n: f for n, (f, _) in first.items()})
       self._pending = dict(first)
       run.restore_or_initialize(restore_status)
@@ -108,10 +125,15 @@ class Trainer:
       return True
     return cfg.max_cost is not None and total_cost >= cfg.max_cost
 
+  def _take(self, name):
+    batch = next(self.iterators[name])
+    problems.take_counts(batch[0], self.sources[name].counter)
+    return batch
+
   def _next_batch(self, name):
     if name in self._pending:
       return self._pending.pop(name)
-    return next(self.iterators[name])
+    return self._take(name)
 
   def save(self):
     return self.run.save()
@@ -159,8 +181,11 @@ class Trainer:
       out = self.steps[name](features, labels)
       finite = bool(out['finite'])
       t2 = time.perf_counter()
-      self.state.positions[name].assign(
-          int(tf.reduce_max(features['index']).numpy()) + 1)
+      # The highest position trained on (+1): under the data service's
+      # dynamic sharding batches arrive out of order.
+      self.state.positions[name].assign(max(
+          int(self.state.positions[name].numpy()),
+          int(tf.reduce_max(features['index']).numpy()) + 1))
       self.state.global_step.assign_add(1)
       w = window[name]
       w['input_s'] += t1 - t0

@@ -18,6 +18,7 @@ from tensorflow.python.eager import context as tf_context  # pylint: disable=g-d
 from tensorflow.python.ops import script_ops  # pylint: disable=g-direct-tensorflow-import
 
 from mtssl.configs import training as configs
+from mtssl.data import problems as problems_lib
 from mtssl.training import run as run_lib
 from mtssl.training.cluster import plan as plan_lib
 from mtssl.training.cluster.plan import (JOB_WORKER, PY_FUNCTION_PREFIX,
@@ -71,9 +72,9 @@ def input_prefix(config: configs.TrainConfig, name: str, rank: int) -> str:
 def rank_pipeline(config, task, source, name, rank, start):
   """Rank `rank`'s batched stream of task `name`, from position `start`."""
   with worker_local_python_functions(input_prefix(config, name, rank)):
-    return task.make_dataset(source, config.tasks[name].config.batch_size,
-                             seed=rank_seed(config.seed, name, rank),
-                             start=start)
+    return problems_lib.count_in_process(task.make_dataset(
+        source, config.tasks[name].config.batch_size,
+        seed=rank_seed(config.seed, name, rank), start=start), source.counter)
 
 
 def register_worker_inputs(config, name, rank):

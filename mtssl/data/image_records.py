@@ -1,0 +1,387 @@
+"""Image TFRecord shards (the TFDS / Model Garden ImageNet format), read by
+record index with graph ops only.
+
+A shard is a TFRecord file of `tf.train.Example`s with
+
+  image/encoded      bytes  the encoded image (JPEG, PNG, BMP or GIF)
+  image/class/label  int64  optional class label
+
+Beside each shard `SHARD.index` lists the byte offset of every record
+(int64 [size of the shard, offsets...]); `make_shards` writes it, and a shard
+without one (or with a stale one) is indexed by reading its record headers.
+Element k of the stream is record `_epoch_permutation_index(k)` of all
+shards, read at its offset, so a stream starts at any position at the same
+cost and epochs are globally shuffled without a shuffle buffer.
+
+Reading, parsing and decoding are TensorFlow ops (no Python in the per-example
+path), so the pipeline runs on tf.data service workers. Bad records are
+counted skips: an empty image, a truncated JPEG/PNG, an unknown format, a
+record or image TensorFlow cannot read or decode, a shard deleted since it was
+indexed. Counts travel with the elements (mtssl.data.problems).
+"""
+
+import glob
+import json
+import os
+import struct
+from typing import List, Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.data.ops import dataset_ops
+from tensorflow.python.framework import tensor_spec
+from tensorflow.python.ops import gen_dataset_ops
+
+from mtssl.data import problems
+from mtssl.data import sources
+from mtssl.utils import io_utils
+
+IMAGE_KEY = 'image/encoded'
+LABEL_KEY = 'image/class/label'
+INDEX_SUFFIX = '.index'
+
+
+# Index -------------------------------------------------------------------
+def scan_offsets(path: str) -> Tuple[np.ndarray, int]:
+  """Offsets of the complete records of a TFRecord file (headers only), and
+  the bytes after the last one."""
+  size = os.path.getsize(path)
+  offsets = []
+  with open(path, 'rb') as f:
+    offset = 0
+    while offset + 12 <= size:
+      f.seek(offset)
+      (length,) = struct.unpack('<Q', f.read(8))
+      end = offset + 12 + length + 4
+      if end > size:
+        break
+      offsets.append(offset)
+      offset = end
+  return np.asarray(offsets, np.int64), size - offset
+
+
+def write_index(shard: str, offsets: np.ndarray) -> None:
+  data = np.concatenate([[os.path.getsize(shard)], offsets]).astype('<i8')
+  io_utils.atomic_write_bytes(shard + INDEX_SUFFIX, data.tobytes())
+
+
+def load_offsets(shard: str) -> Tuple[np.ndarray, int]:
+  """(offsets, trailing bytes): from the index file when it matches the shard."""
+  path = shard + INDEX_SUFFIX
+  if os.path.isfile(path):
+    data = np.fromfile(path, '<i8')
+    if data.size and data[0] == os.path.getsize(shard):
+      return data[1:].astype(np.int64), 0
+  return scan_offsets(shard)
+
+
+def find_shards(spec: str) -> List[str]:
+  """TFRecord shards of a glob, or of a directory (every file not ending in
+  .index or .json and not hidden)."""
+  path = os.path.expanduser(spec)
+  files = (glob.glob(os.path.join(path, '*')) if os.path.isdir(path)
+           else glob.glob(path))
+  return sorted(f for f in files if os.path.isfile(f)
+                and not os.path.basename(f).startswith('.')
+                and not f.endswith((INDEX_SUFFIX, '.json', '.tmp')))
+
+
+# Graph-only reading and decoding -------------------------------------------
+class _RecordAt(dataset_ops.DatasetSource):
+  """The records of `filenames` from `byte_offsets` (TFRecordDatasetV2).
+
+  Only valid inside a dataset function (flat_map, interleave): TensorFlow
+  2.20 does not serialize this op's byte_offsets input at the top level.
+  """
+
+  def __init__(self, filenames, byte_offsets):
+    self._name = None
+    variant = gen_dataset_ops.tf_record_dataset_v2(
+        filenames, '', tf.constant(0, tf.int64), byte_offsets,
+        metadata=self._metadata.SerializeToString())
+    super().__init__(variant)
+
+  @property
+  def element_spec(self):
+    return tensor_spec.TensorSpec([], tf.string)
+
+
+def _literal_glob(path):
+  return tf.strings.regex_replace(path, r'([\*\?\[])', r'[\1]')
+
+
+def read_record(filename, offset) -> tf.data.Dataset:
+  """At most one record: the one at `offset`; none if the file is gone."""
+  files = tf.io.matching_files(_literal_glob(filename))
+  return _RecordAt(files, tf.fill(tf.shape(files), offset)).take(1)
+
+
+def header_status(data) -> tf.Tensor:
+  """sources.OK, or EMPTY / TRUNCATED / CORRUPT from the bytes' structure."""
+  n = tf.strings.length(data)
+  head = tf.strings.substr(data, 0, 8)
+  tail = tf.strings.regex_replace(
+      tf.strings.substr(data, tf.maximum(n - 64, 0), 64), r'[\x00 \r\n\t]+$', '')
+  jpeg = tf.equal(tf.strings.substr(head, 0, 2), b'\xff\xd8')
+  png = tf.equal(head, b'\x89PNG\r\n\x1a\n')
+  known = (jpeg | png | tf.equal(tf.strings.substr(head, 0, 2), b'BM')
+           | tf.equal(tf.strings.substr(head, 0, 3), b'GIF'))
+  eoi = tf.equal(tf.strings.substr(
+      tail, tf.maximum(tf.strings.length(tail) - 2, 0), 2), b'\xff\xd9')
+  last16 = tf.strings.substr(data, tf.maximum(n - 16, 0), 16)
+  iend = tf.reduce_any(tf.equal(tf.strings.substr(
+      tf.fill([13], last16), tf.range(13), tf.fill([13], 4)), b'IEND'))
+  jpeg_cut = jpeg & ~eoi
+  png_cut = png & ~iend
+  return tf.case([(n == 0, lambda: sources.EMPTY),
+                  (jpeg_cut | png_cut, lambda: sources.TRUNCATED),
+                  (~known, lambda: sources.CORRUPT)],
+                 default=lambda: sources.OK)
+
+
+def decode_rgb(data) -> Tuple[tf.Tensor, tf.Tensor]:
+  """uint8 [H, W, 3] and its status code, as sources.decode_image_bytes.
+
+  16-bit images keep their high byte, grayscale is replicated to RGB, alpha
+  is composited over white (what the folder source gives for the same file).
+  Raises (inside tf.data) on data TensorFlow cannot decode.
+  """
+  png = tf.equal(tf.strings.substr(data, 0, 8), b'\x89PNG\r\n\x1a\n')
+  sixteen = png & tf.equal(tf.strings.substr(data, 24, 1), b'\x10')
+  image = tf.io.decode_image(data, channels=0, dtype=tf.uint8,
+                             expand_animations=False)
+  channels = tf.shape(image)[-1]
+  color = tf.cond(channels >= 3, lambda: image[..., :3],
+                  lambda: tf.repeat(image[..., :1], 3, axis=-1))
+
+  def _over_white():
+    alpha = tf.cast(image[..., -1:], tf.float32) / 255.0
+    mixed = tf.cast(color, tf.float32) * alpha + 255.0 * (1.0 - alpha)
+    return tf.cast(tf.round(mixed), tf.uint8)
+
+  has_alpha = tf.equal(channels, 2) | tf.equal(channels, 4)
+  rgb = tf.cond(has_alpha, _over_white, lambda: color)
+  rgb.set_shape([None, None, 3])
+  status = tf.case([(sixteen, lambda: sources.SIXTEEN_BIT),
+                    (channels < 3, lambda: sources.GRAYSCALE),
+                    (has_alpha, lambda: sources.ALPHA)],
+                   default=lambda: sources.OK)
+  return rgb, status
+
+
+def parse_image(record) -> tf.Tensor:
+  return tf.io.parse_single_example(record, {
+      IMAGE_KEY: tf.io.FixedLenFeature([], tf.string, default_value=''),
+  })[IMAGE_KEY]
+
+
+def _decode_record(record):
+  data = parse_image(record)
+  status = header_status(data)
+  return tf.cond(tf.equal(status, sources.OK), lambda: decode_rgb(data),
+                 lambda: (tf.zeros([1, 1, 3], tf.uint8), status))
+
+
+def _unreadable():
+  return tf.data.Dataset.from_tensors(
+      (tf.zeros([1, 1, 3], tf.uint8), tf.constant(sources.CORRUPT)))
+
+
+def decoded_record(filename, offset) -> tf.data.Dataset:
+  """One (uint8 [H, W, 3], status): the record's image, or a skip status."""
+  ds = read_record(filename, offset).map(_decode_record).ignore_errors()
+  return ds.concatenate(_unreadable()).take(1)
+
+
+class TfrecordImageSource(sources.ImageSource):
+  """Images of tf.train.Example shards, read by record index in graph ops."""
+
+  def __init__(self, path: str, cycle_length: int = 16):
+    super().__init__(f'tfrecord:{path}')
+    self.path = path
+    self.cycle_length = cycle_length
+    self.counter = problems.ProblemCounter(self.name)
+    self._index: Optional[Tuple[List[str], np.ndarray, np.ndarray]] = None
+
+  @property
+  def index(self):
+    """(shard files, file id per record, byte offset per record)."""
+    if self._index is None:
+      files = find_shards(self.path)
+      if not files:
+        raise sources.DataSourceError(
+            f'No TFRecord shards at {self.path!r} (a directory or a glob). '
+            f'Make them from a folder with tools/make_shards.py.')
+      ids, offsets = [], []
+      for fid, shard in enumerate(files):
+        found, trailing = load_offsets(shard)
+        if trailing:
+          self.counter.add('truncated_shard')
+        ids.append(np.full(found.shape, fid, np.int32))
+        offsets.append(found)
+      self._index = (files, np.concatenate(ids), np.concatenate(offsets))
+    return self._index
+
+  def __len__(self):
+    return int(self.index[2].shape[0])
+
+  def validate(self):
+    if not len(self):  # pylint: disable=g-explicit-length-test
+      raise sources.DataSourceError(
+          f'The shards at {self.path!r} ({len(self.index[0])} files) hold no '
+          f'complete record.')
+
+  def counted_images(self, seed, start=0) -> tf.data.Dataset:
+    """Endless (index, uint8 [H, W, 3], int64 counts [MAX_REASONS]) from
+    `start`; counts hold this element's decode status and the skips just
+    before it."""
+    self.validate()
+    files, file_ids, offsets = self.index
+    files = tf.constant(files)
+    file_ids = tf.constant(file_ids)
+    offsets = tf.constant(offsets)
+    n = len(self)
+    counter = self.counter
+
+    def _element(k):
+      i = sources._epoch_permutation_index(k, n, seed)  # pylint: disable=protected-access
+      return decoded_record(files[file_ids[i]], offsets[i]).map(
+          lambda image, status: (k, image, status))
+
+    ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max).interleave(
+        _element, cycle_length=self.cycle_length, block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def _carry(pending, element):
+      k, image, status = element
+      counts = pending + counter.one_hot(status)
+      ok = tf.reduce_all(tf.not_equal(status, sources.SKIPPED))
+      return (tf.where(ok, counter.zeros(), counts), (k, image, counts, ok))
+
+    ds = ds.scan(counter.zeros(), _carry)
+    ds = ds.filter(lambda k, image, counts, ok: ok)
+    return ds.map(lambda k, image, counts, ok: (k, image, counts))
+
+  def images(self, seed, start=0):
+    """(index, image); counts go to the counter through numpy_function (use
+    `counted_images` where no Python may run)."""
+    counter = self.counter
+
+    def _count(image, counts):
+      def _add(c):
+        counter.add_vector(c)
+        return np.int32(0)
+      done = tf.numpy_function(_add, [counts], tf.int32, stateful=True)
+      with tf.control_dependencies([done]):
+        return tf.identity(image)
+
+    return self.counted_images(seed, start).map(
+        lambda k, image, counts: (k, _count(image, counts)))
+
+
+# Writing shards -------------------------------------------------------------
+def serialize_image(encoded: bytes, label: Optional[int] = None) -> bytes:
+  feature = {IMAGE_KEY: tf.train.Feature(
+      bytes_list=tf.train.BytesList(value=[encoded]))}
+  if label is not None:
+    feature[LABEL_KEY] = tf.train.Feature(
+        int64_list=tf.train.Int64List(value=[int(label)]))
+  return tf.train.Example(
+      features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def shard_name(i: int, n: int) -> str:
+  return f'shard-{i:05d}-of-{n:05d}.tfrecord'
+
+
+def _check_file(path: str) -> Tuple[Optional[bytes], str]:
+  """(file bytes, 'ok') or (None, skip reason)."""
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError:
+    return None, 'skipped_unreadable'
+  if data[:4] == b'RIFF':  # WebP: OpenCV reads it, TensorFlow's decoder not.
+    return None, 'skipped_webp'
+  _, status = sources.decode_image_bytes(data)
+  if status in sources.SKIPPED:
+    return None, sources.STATUS_NAMES[status]
+  return data, 'ok'
+
+
+def make_shards(folder: str, output: str, records_per_shard: int = 1024,
+                seed: int = 0, labels: bool = True,
+                log=print) -> dict:
+  """Writes the images below `folder` as shards in `output`; returns the summary.
+
+  Files are shuffled by `seed` and cut into shards of `records_per_shard`
+  files. A shard (and its index) is written under a temporary name and
+  renamed, its counts beside it (SHARD.json); a rerun with the same arguments
+  keeps the shards already there. Undecodable files are skipped by reason.
+  Labels are the sorted first-level subfolder names (`classes` in the
+  summary), when every image lies in one.
+  """
+  if not os.path.isdir(folder):
+    raise sources.DataSourceError(f'Image folder {folder!r} does not exist.')
+  if records_per_shard <= 0:
+    raise ValueError(f'records_per_shard must be positive, got '
+                     f'{records_per_shard}.')
+  files = sources.list_image_files(folder)
+  if not files:
+    raise sources.DataSourceError(f'Image folder {folder!r} contains no image '
+                                  f'files ({", ".join(sources.IMAGE_EXTENSIONS)}).')
+  rel = [os.path.relpath(f, folder) for f in files]
+  classes = sorted({r.split(os.sep)[0] for r in rel})
+  labelled = labels and all(os.sep in r for r in rel)
+  class_id = {c: i for i, c in enumerate(classes)} if labelled else {}
+  order = np.random.default_rng(seed).permutation(len(files))
+  n = (len(files) + records_per_shard - 1) // records_per_shard
+  os.makedirs(output, exist_ok=True)
+  written = kept = 0
+  skipped = {}
+  records = 0
+  for i in range(n):
+    shard = os.path.join(output, shard_name(i, n))
+    stats_path = shard + '.json'
+    if not (os.path.isfile(shard) and os.path.isfile(shard + INDEX_SUFFIX)
+            and os.path.isfile(stats_path)):
+      chunk = order[i * records_per_shard:(i + 1) * records_per_shard]
+      serialized, reasons = [], {}
+      for j in chunk:
+        data, reason = _check_file(files[j])
+        if data is None:
+          reasons[reason] = reasons.get(reason, 0) + 1
+          continue
+        label = class_id.get(rel[j].split(os.sep)[0]) if labelled else None
+        serialized.append(serialize_image(data, label))
+
+      def _write(name, serialized=serialized):
+        with tf.io.TFRecordWriter(name) as writer:
+          for record in serialized:
+            writer.write(record)
+
+      io_utils.atomic_write_with(shard, _write)
+      offsets, _ = scan_offsets(shard)
+      write_index(shard, offsets)
+      io_utils.atomic_write_json(stats_path, {'records': len(serialized),
+                                              'skipped': reasons})
+      written += 1
+      log(f'{shard}: {len(serialized)} records'
+          + (f', skipped {reasons}' if reasons else ''))
+    else:
+      kept += 1
+    with open(stats_path) as f:
+      stats = json.load(f)
+    records += stats['records']
+    for reason, count in stats['skipped'].items():
+      skipped[reason] = skipped.get(reason, 0) + count
+  summary = {
+      'folder': os.path.abspath(folder), 'output': os.path.abspath(output),
+      'files': len(files), 'records': records, 'shards': n,
+      'records_per_shard': records_per_shard, 'seed': seed,
+      'shards_written': written, 'shards_kept': kept, 'skipped': skipped,
+      'classes': classes if labelled else None,
+  }
+  io_utils.atomic_write_json(os.path.join(output, 'summary.json'), summary)
+  return summary
+

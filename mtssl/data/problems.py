@@ -1,0 +1,165 @@
+"""Counting skipped and converted examples with graph ops only.
+
+A `SkipCounter` counts from inside tf.data through `tf.numpy_function`, which
+a tf.data service worker cannot run. A `ProblemCounter` instead carries the
+counts with the data: every element holds an int64 vector of counts by
+reason (`PROBLEMS_KEY` in its features), the events of the elements dropped
+before it included, and the consumer adds the vectors of the batches it takes
+(`take_counts`). Reasons are numbered when the pipeline is traced, in the
+consumer's process, so the numbering travels with the dataset graph.
+
+Used by graph-only sources (mtssl.data.image_records) and by the tasks'
+pipelines through `map_examples` / `filter_counted`, which fall back to the
+`SkipCounter` path for every other source.
+"""
+
+import threading
+from typing import Callable, Dict
+
+import numpy as np
+import tensorflow as tf
+
+from mtssl.data import sources
+
+PROBLEMS_KEY = 'data_problems'
+MAX_REASONS = 32
+
+_collecting = threading.local()
+
+
+class ProblemCounter(sources.SkipCounter):
+  """A SkipCounter whose in-graph counts travel with the elements."""
+
+  graph_only = True
+
+  def __init__(self, name: str = ''):
+    super().__init__(name)
+    # Decode statuses keep their codes (sources.OK ... sources.TRUNCATED).
+    self.reasons = [sources.STATUS_NAMES[c] for c in sorted(sources.STATUS_NAMES)]
+
+  def code(self, reason: str) -> int:
+    if reason not in self.reasons:
+      if len(self.reasons) >= MAX_REASONS:
+        raise ValueError(f'{self.name}: more than {MAX_REASONS} count reasons.')
+      self.reasons.append(reason)
+    return self.reasons.index(reason)
+
+  def one_hot(self, reason) -> tf.Tensor:
+    """int64 [MAX_REASONS] counting one `reason` (a name, or a code tensor)."""
+    code = self.code(reason) if isinstance(reason, str) else reason
+    return tf.one_hot(code, MAX_REASONS, dtype=tf.int64)
+
+  def zeros(self) -> tf.Tensor:
+    return tf.zeros([MAX_REASONS], tf.int64)
+
+  def note(self, condition, reason, value):
+    """Inside `map_examples`: counted with the element; elsewhere as SkipCounter."""
+    stack = getattr(_collecting, 'stack', None)
+    if not stack:
+      return super().note(condition, reason, value)
+    stack[-1].append((reason, condition))
+    return value
+
+  def add_vector(self, counts) -> None:
+    """Adds a counts vector (or a batch of them) to the totals."""
+    counts = np.asarray(counts, np.int64).reshape(-1, MAX_REASONS).sum(axis=0)
+    for code in np.flatnonzero(counts):
+      self.add(self.reasons[code], int(counts[code]))
+
+
+def take_counts(features: Dict[str, tf.Tensor], counter) -> None:
+  """Removes the counts a batch carries and adds them to `counter`."""
+  counts = features.pop(PROBLEMS_KEY, None)
+  if counts is not None:
+    counter.add_vector(counts.numpy() if hasattr(counts, 'numpy') else counts)
+
+
+def is_graph_only(source) -> bool:
+  return getattr(source.counter, 'graph_only', False) and hasattr(
+      source, 'counted_images')
+
+
+def map_examples(source, seed: int, start: int, fn: Callable,
+                 **map_kwargs) -> tf.data.Dataset:
+  """`source.images(seed, start).map(fn)`, carrying counts on graph sources.
+
+  `fn(index, image)` returns (features, labels, ...) or features; on a
+  graph-only source features gain PROBLEMS_KEY: the source's counts plus the
+  `counter.note` events of `fn`.
+  """
+  if not is_graph_only(source):
+    return source.images(seed, start).map(fn, **map_kwargs)
+  counter = source.counter
+
+  def _fn(index, image, counts):
+    notes = []
+    stack = getattr(_collecting, 'stack', None)
+    if stack is None:
+      stack = _collecting.stack = []
+    stack.append(notes)
+    try:
+      out = fn(index, image)
+    finally:
+      stack.pop()
+    for reason, condition in notes:
+      counts += tf.cast(condition, tf.int64) * counter.one_hot(reason)
+    if isinstance(out, dict):  # features alone (ex)
+      return dict(out, **{PROBLEMS_KEY: counts})
+    features = dict(out[0])
+    features[PROBLEMS_KEY] = counts
+    return (features,) + tuple(out[1:])
+
+  return source.counted_images(seed, start).map(_fn, **map_kwargs)
+
+
+def filter_counted(ds: tf.data.Dataset, counter, predicate: Callable,
+                   reason: str) -> tf.data.Dataset:
+  """`ds.filter(predicate)`, counting each dropped element as `reason`.
+
+  Elements are (features, ...). With a ProblemCounter (and features carrying
+  PROBLEMS_KEY) the counts of dropped elements move to the next kept one.
+  """
+  if not (getattr(counter, 'graph_only', False)
+          and PROBLEMS_KEY in ds.element_spec[0]):
+    return ds.filter(lambda *e: counter.keep(predicate(*e), reason))
+  dropped = counter.one_hot(reason)
+
+  def _step(state, element):
+    keep = predicate(*element)
+    features = dict(element[0])
+    counts = features[PROBLEMS_KEY] + state
+    features[PROBLEMS_KEY] = counts
+    new_state = tf.where(keep, tf.zeros_like(counts), counts + dropped)
+    return new_state, ((features,) + tuple(element[1:]), keep)
+
+  def _kept(element, keep):
+    del element
+    return keep
+
+  def _element(element, keep):
+    del keep
+    return element
+
+  return ds.scan(counter.zeros(), _step).filter(_kept).map(_element)
+
+
+def count_in_process(ds: tf.data.Dataset, counter) -> tf.data.Dataset:
+  """Batches without PROBLEMS_KEY, whose counts go to `counter` through
+  numpy_function: for pipelines that run in the counter's own process and
+  whose consumer does not call `take_counts` (the cluster workers)."""
+  if PROBLEMS_KEY not in ds.element_spec[0]:
+    return ds
+
+  def _add(counts):
+    counter.add_vector(counts)
+    return np.int32(0)
+
+  def _take(features, *rest):
+    features = dict(features)
+    counts = features.pop(PROBLEMS_KEY)
+    done = tf.numpy_function(_add, [counts], tf.int32, stateful=True)
+    with tf.control_dependencies([done]):
+      features = tf.nest.map_structure(tf.identity, features)
+    return (features,) + rest
+
+  return ds.map(_take)

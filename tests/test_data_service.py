@@ -1,0 +1,160 @@
+"""tf.data service: a dispatcher and two worker processes on localhost serve
+rp and col from tfrecord shards to a short training run; bad setups fail by
+name, quickly."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import tensorflow as tf
+
+from mtssl.configs import training as configs
+from mtssl.data import image_records
+from mtssl.data import service
+from mtssl.data import sources
+from mtssl.tasks import col
+from mtssl.tasks import rp
+from mtssl.training import trainer as trainer_lib
+from tests import test_sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def task_runs(data):
+  return {
+      'rp': configs.TaskRun(config=rp.RPConfig(
+          batch_size=2, patch_size=32, gap=16, jitter=3, min_pixels=20000,
+          max_pixels=30000, unit_depths=(32, 16), unit_bottleneck=8,
+          fc_bottleneck=16), data=data),
+      'col': configs.TaskRun(config=col.ColConfig(
+          batch_size=2, image_size=32, head_widths=(16, 16)), data=data),
+  }
+
+
+def make_config(model_dir, data, steps=2, tasks=('rp', 'col'), **overrides):
+  runs = task_runs(data)
+  values = dict(tasks={n: runs[n] for n in tasks}, model_dir=model_dir,
+                trunk='resnet_v2_tiny', output_stride=8, steps=steps,
+                checkpoint_every=1000, log_every=1000, summary_every=1000,
+                image_summary_every=1000)
+  values.update(overrides)
+  return configs.TrainConfig(**values)
+
+
+class DataServiceTest(tf.test.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tf.test.TestCase().get_temp_dir()
+    root = os.path.join(cls.tmp, 'images')
+    test_sources.write_folder(root)
+    cls.shards = os.path.join(cls.tmp, 'shards')
+    image_records.make_shards(root, cls.shards, records_per_shard=2,
+                              log=lambda _: None)
+    cls.port = free_port()
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2')
+    cls.server = subprocess.Popen(
+        [sys.executable, '-m', 'mtssl.data_service', f'--port={cls.port}',
+         '--workers=2'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    line = ''
+    while time.time() < deadline and cls.server.poll() is None:
+      line = cls.server.stdout.readline()
+      if line.startswith('data service:'):
+        break
+    if not line.startswith('data service:'):
+      cls.server.kill()
+      raise RuntimeError(f'the data service did not start: {line!r}')
+
+  @classmethod
+  def tearDownClass(cls):
+    cls.server.terminate()
+    cls.server.wait(timeout=30)
+    super().tearDownClass()
+
+  def test_rp_trains_from_two_workers(self):
+    cfg = make_config(os.path.join(self.get_temp_dir(), 'run'),
+                      'tfrecord:' + self.shards, tasks=('rp',),
+                      data_service=f'grpc://localhost:{self.port}')
+    trainer = trainer_lib.Trainer(cfg)
+    result = trainer.train()
+    self.assertEqual(result['task_steps'], {'rp': 2})
+    # Decode statuses came back with the batches (every example counted, 'ok'
+    # or converted) although no Python ran on the workers.
+    counts = trainer.sources['rp'].counter.snapshot()
+    self.assertGreaterEqual(sum(counts.values()), 4)
+    self.assertGreater(int(trainer.state.positions['rp'].numpy()), 0)
+
+  def test_col_off_mode_on_a_worker_gives_the_local_batches(self):
+    # col's pipeline (its grayscale filter carries counts in a scan) on the
+    # two worker processes and, in `off` mode with one in-process worker,
+    # batch for batch what it gives without the service.
+    source = sources.make_image_source('tfrecord:' + self.shards)
+    task = col.ColorizationTask(task_runs('')['col'].config)
+
+    def batches(ds):
+      out = []
+      for features, labels in ds.take(3):
+        out.append((features['index'].numpy().tolist(),
+                    labels['ab'].numpy()))
+      return out
+
+    local = batches(task.make_dataset(source, 2, seed=4, start=3))
+    dynamic = batches(service.distribute(
+        task.make_dataset(source, 2, seed=4, start=3),
+        f'grpc://localhost:{self.port}', 'col-dynamic-test'))
+    self.assertLen(dynamic, 3)
+    dispatcher = tf.data.experimental.service.DispatchServer()
+    worker = tf.data.experimental.service.WorkerServer(
+        tf.data.experimental.service.WorkerConfig(
+            dispatcher_address=dispatcher.target.split('://')[1]))
+    served = batches(service.distribute(
+        task.make_dataset(source, 2, seed=4, start=3), dispatcher.target,
+        'col-off-test', mode='off'))
+    self.assertEqual([i for i, _ in served], [i for i, _ in local])
+    for (_, a), (_, b) in zip(served, local):
+      self.assertAllEqual(a, b)
+    del worker
+
+  def test_unreachable_dispatcher_is_a_named_error_in_bounded_time(self):
+    cfg = make_config(os.path.join(self.get_temp_dir(), 'run'),
+                      'tfrecord:' + self.shards)
+    # Per task (--rp_data_service): nothing listens on that port.
+    cfg.tasks['rp'].data_service = f'grpc://localhost:{free_port()}'
+    start = time.time()
+    with self.assertRaisesRegex(service.DataServiceError, 'unreachable'):
+      trainer_lib.Trainer(cfg).setup()
+    self.assertLess(time.time() - start, service.CONNECT_TIMEOUT_S + 20)
+
+  def test_python_sources_are_refused_by_name(self):
+    cfg = make_config(os.path.join(self.get_temp_dir(), 'run'), 'synthetic',
+                      data_service=f'grpc://localhost:{self.port}')
+    with self.assertRaisesRegex(service.DataServiceError,
+                                r'rp_data=synthetic\(256x256\): .*numpy_function'):
+      trainer_lib.Trainer(cfg).setup()
+
+  def test_bad_address_is_a_config_error(self):
+    cfg = make_config(os.path.join(self.get_temp_dir(), 'run'), 'synthetic',
+                      data_service='localhost')
+    with self.assertRaisesRegex(configs.ConfigError, 'data_service='):
+      cfg.validate()
+
+
+class WaitingNoticeTest(tf.test.TestCase):
+
+  def test_a_long_wait_for_the_first_batch_is_logged(self):
+    with self.assertLogs(level='WARNING') as logs:
+      with service.waiting_notice('rp', 'grpc://localhost:5050', every_s=0.2):
+        time.sleep(0.7)
+    self.assertRegex(logs.output[0], 'rp: no batch from the data service '
+                     'grpc://localhost:5050 after 0 s; is a worker registered')
