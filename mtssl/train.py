@@ -12,7 +12,9 @@ task's own config (`--rp_data`, `--rp_learning_rate`, `--rp_batch_size`,
 `--col_<field>`, ...). `--helpfull` lists them all.
 
 Flags and data sources are validated before any work: a bad value prints one
-line naming it and exits with status 2. A run whose loss stays non-finite ends
+line naming it and exits with status 2; so do a model_dir that cannot hold a
+run, a checkpoint that does not fit the model or cannot be written, and a
+data source that stops yielding usable data. A run whose loss stays non-finite ends
 with status 3; SIGINT/SIGTERM end the run after the current step with a
 checkpoint (status 130 / 143).
 
@@ -32,6 +34,10 @@ import signal
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from mtssl.utils import devices  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+devices.initialize_quietly()
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
@@ -206,7 +212,9 @@ def main(argv):
   except trainer_lib.NonFiniteLossError as e:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_NONFINITE
-  except configs.ConfigError as e:
+  except (configs.ConfigError, sources_lib.DataSourceError) as e:
+    # Includes a checkpoint that cannot be written (disk full, read-only)
+    # and a data source that stopped yielding usable data.
     print(f'error: {e}', file=sys.stderr)
     return EXIT_USAGE
   except cluster_plan.ClusterError as e:

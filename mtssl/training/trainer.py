@@ -15,6 +15,7 @@ from absl import logging
 
 from mtssl.configs import training as configs
 from mtssl.data import prefetch
+from mtssl.data import sources as sources_lib
 from mtssl.training import run as run_lib
 
 NonFiniteLossError = run_lib.NonFiniteLossError
@@ -61,6 +62,14 @@ class Trainer:
     """Validates data, builds the model, restores or initializes. Idempotent."""
     if self.run.model is not None:
       return self
+    try:
+      self._setup()
+    except BaseException:
+      self.close_inputs()  # Live input iterators can hang the exit.
+      raise
+    return self
+
+  def _setup(self):
     cfg, run = self.config, self.run
     run.prepare()
     with run.precision_policy():
@@ -75,13 +84,16 @@ class Trainer:
         if cfg.prefetch_to_device:
           ds = prefetch.to_device(ds)
         self.iterators[name] = iter(ds)
-        first[name] = next(self.iterators[name])
+        try:
+          first[name] = next(self.iterators[name])
+        except tf.errors.OpError as e:
+          sources_lib.raise_if_stalled(e, run.sources[name].counter)
+          raise
       run.model.build_all({n: f for n, (f, _) in first.items()})
       self._pending = dict(first)
       run.restore_or_initialize(restore_status)
       run.make_steps(restore_status)
     self.writer = run.summary_writer()
-    return self
 
   # Training ---------------------------------------------------------------
   def request_stop(self):
@@ -109,10 +121,14 @@ class Trainer:
   def _next_batch(self, name):
     if name in self._pending:
       return self._pending.pop(name)
-    return next(self.iterators[name])
+    try:
+      return next(self.iterators[name])
+    except tf.errors.OpError as e:
+      sources_lib.raise_if_stalled(e, self.sources[name].counter)
+      raise
 
-  def save(self):
-    return self.run.save()
+  def save(self, bad_streak=False):
+    return self.run.save(bad_streak)
 
   def train(self):
     """Runs until `steps` or `max_cost`; returns a summary dict."""
@@ -168,10 +184,13 @@ class Trainer:
                         '(%d in a row); step not applied.', name, g,
                         consecutive_bad[name])
         if consecutive_bad[name] >= cfg.max_nonfinite_steps:
+          latest = self.run.manager.latest_checkpoint
           raise NonFiniteLossError(
               f'{name}: {consecutive_bad[name]} consecutive non-finite steps '
-              f'(max_nonfinite_steps={cfg.max_nonfinite_steps}); stopping. The '
-              f'last good checkpoint is {self.run.manager.latest_checkpoint}.')
+              f'(max_nonfinite_steps={cfg.max_nonfinite_steps}); stopping. '
+              + (f'The latest checkpoint, {latest}, was written before the '
+                 f'streak and holds only finite values.' if latest else
+                 'No checkpoint was written.'))
       g += 1
       costs = self.costs()
       total_cost = sum(costs.values())
@@ -187,11 +206,13 @@ class Trainer:
         for n in self.names:
           window[n].clear()
       if g % cfg.checkpoint_every == 0:
-        checkpoint_path = self.save()
+        checkpoint_path = self.save(any(consecutive_bad.values())
+                                    ) or checkpoint_path
     del last_log_time
     g = int(self.state.global_step.numpy())
     if g != start_step or checkpoint_path is None:
-      checkpoint_path = self.save()
+      checkpoint_path = self.save(any(consecutive_bad.values())
+                                  ) or checkpoint_path
     self.writer.flush()
     result = {
         'checkpoint': checkpoint_path,
