@@ -171,7 +171,7 @@ def load_slim_checkpoint(trunk: resnet_lib.ResNetV2, path: str,
   for name, var in expected.items():
     try:
       value = reader.get_tensor(name)
-    except tf.errors.OpError as e:  # A truncated or corrupt data file.
+    except (tf.errors.OpError, IndexError) as e:  # Truncated or corrupt data.
       raise SlimCheckpointError(
           f'Checkpoint {path!r}: variable {name} cannot be read: '
           f'{str(e).splitlines()[0]}') from None

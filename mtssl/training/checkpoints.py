@@ -13,8 +13,6 @@ checkpoints and the index as they were, removes what the failed save wrote,
 and is a CheckpointError.
 """
 
-import contextlib
-import gc
 import glob
 import logging as std_logging
 import os
@@ -40,20 +38,28 @@ def first_line(error) -> str:
   return lines[0] if lines else type(error).__name__
 
 
-@contextlib.contextmanager
-def mismatch_reported_here():
-  """Hides TensorFlow's per-value restore warnings ("Value in checkpoint
-  could not be found ...") of a restore that failed inside the block, whose
-  mismatch the caller reports in one line. Catch the error inside the block
-  and raise yours after it."""
+class _RestoreWarnings(std_logging.Filter):
+  """Drops TensorFlow's warnings about the values a restore left unmatched."""
+
+  MESSAGES = ('being deleted with unrestored values',
+              'Value in checkpoint could not be found',
+              'An attribute in the restored object could not be found')
+
+  def filter(self, record):
+    message = record.getMessage()
+    return not any(m in message for m in self.MESSAGES)
+
+
+_RESTORE_WARNINGS = _RestoreWarnings()
+
+
+def hide_restore_warnings():
+  """For a restore mismatch the caller reports in one line: hides the
+  per-value warnings TensorFlow logs for it (hundreds of lines), whenever its
+  bookkeeping is collected, often at exit."""
   logger = tf.get_logger()
-  level = logger.level
-  logger.setLevel(std_logging.ERROR)
-  try:
-    yield
-    gc.collect()  # The failed restore's bookkeeping warns when collected.
-  finally:
-    logger.setLevel(level)
+  if _RESTORE_WARNINGS not in logger.filters:
+    logger.addFilter(_RESTORE_WARNINGS)
 
 
 def check_model_dir(model_dir: str) -> None:

@@ -207,24 +207,19 @@ class Run:
   def _assert_restored(self):
     """Restores the built model (first call) and checks that the checkpoint
     matched it, or raises a CheckpointError naming the run."""
-    problem = None
-    with checkpoints_lib.mismatch_reported_here():
-      try:
-        if self._restore_status is None:
-          self._restore_status = tf.train.Checkpoint(**self._items).restore(
-              self.resumed_from)
-        self._restore_status.assert_existing_objects_matched()
-      except (AssertionError, ValueError, tf.errors.OpError) as e:
-        problem = checkpoints_lib.first_line(e)
-        if self._restore_status is not None:
-          self._restore_status.expect_partial()
-          self._restore_status = None
-    if problem:
+    try:
+      if self._restore_status is None:
+        self._restore_status = tf.train.Checkpoint(**self._items).restore(
+            self.resumed_from)
+      self._restore_status.assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+      checkpoints_lib.hide_restore_warnings()
       raise checkpoints_lib.CheckpointError(
           f'{self.resumed_from} does not fit this model (trunk '
           f'{self.config.trunk}, output stride {self.config.output_stride}, '
-          f'these task settings): {problem}. Resume with the flags the run '
-          f'was started with, or use another model_dir.')
+          f'these task settings): {checkpoints_lib.first_line(e)}. Resume with '
+          f'the flags the run was started with, or use another model_dir.'
+      ) from None
 
   def restore_or_initialize(self, resumed_from):
     """After the model is built: restores it from `resumed_from` (what
@@ -263,24 +258,22 @@ class Run:
       raise checkpoints_lib.CheckpointError(
           f'init_checkpoint {path!r} does not exist (give a checkpoint prefix '
           f'or a directory of checkpoints).')
-    problem = None
     restored = ['backbone']
-    with checkpoints_lib.mismatch_reported_here():
-      try:
-        slim_checkpoint.restore_trunk(self.model.trunk, path)
-        prefix = (tf.train.latest_checkpoint(path) if tf.io.gfile.isdir(path)
-                  else path)
-        keys = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
-        for name in self.names:
-          if any(k.startswith(f'heads/{name}/') for k in keys):
-            tf.train.Checkpoint(heads={name: self.model.heads[name]}).read(
-                prefix).expect_partial()
-            restored.append(f'heads/{name}')
-      except (ValueError, tf.errors.OpError) as e:
-        problem = checkpoints_lib.first_line(e)
-    if problem:
+    try:
+      slim_checkpoint.restore_trunk(self.model.trunk, path)
+      prefix = (tf.train.latest_checkpoint(path) if tf.io.gfile.isdir(path)
+                else path)
+      keys = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+      for name in self.names:
+        if any(k.startswith(f'heads/{name}/') for k in keys):
+          tf.train.Checkpoint(heads={name: self.model.heads[name]}).read(
+              prefix).expect_partial()
+          restored.append(f'heads/{name}')
+    except (ValueError, tf.errors.OpError) as e:
+      checkpoints_lib.hide_restore_warnings()
       raise checkpoints_lib.CheckpointError(
-          f'init_checkpoint {path!r}: {problem}')
+          f'init_checkpoint {path!r}: {checkpoints_lib.first_line(e)}'
+      ) from None
     logging.info('Initialized %s from %s.', ', '.join(restored), path)
 
   def step_cost(self, name, time_sum: float, time_count: int) -> Optional[float]:
