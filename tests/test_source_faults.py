@@ -3,6 +3,8 @@ a named error or a counted skip, never an endless loop or a crash."""
 
 import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import cv2
@@ -13,6 +15,8 @@ from mtssl.data import motion_sources
 from mtssl.data import sources
 from mtssl.data import synthetic
 from mtssl.tasks import col
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_images(root, count, gray=False, corrupt=False):
@@ -96,6 +100,22 @@ class StalledSourceTest(tf.test.TestCase):
     with self.assertRaises(tf.errors.OpError):
       col.estimate_prior(task, source, 10)
     self.assertIn('7 elements in a row', source.counter.failure)
+
+  def test_prior_estimation_on_grayscale_images_ends_with_one_line(self):
+    # A real process under a timeout: this used to loop forever.
+    root = write_images(os.path.join(self.get_temp_dir(), 'gray'), 4,
+                        gray=True)
+    output = os.path.join(self.get_temp_dir(), 'prior.npy')
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'tools', 'estimate_color_prior.py'),
+         f'--source=folder:{root}', '--num_images=4', '--image_size=32',
+         f'--output={output}'], capture_output=True, text=True, cwd=ROOT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'), timeout=300)
+    self.assertEqual(run.returncode, 2, run.stderr[-2000:])
+    errors = [l for l in run.stderr.splitlines() if l.startswith('error:')]
+    self.assertLen(errors, 1, run.stderr[-2000:])
+    self.assertIn(f'folder:{root}: 7 elements in a row skipped', errors[0])
+    self.assertFalse(os.path.exists(output))
 
   def test_motion_shards_of_unparsable_records_are_an_error(self):
     shard = os.path.join(self.get_temp_dir(), 'clips-00000.tfrecord')

@@ -153,6 +153,8 @@ def resolve_latest(directory: str, name: str = 'ckpt',
       chosen = n
       break
     damaged.append((n, candidates[n], why))
+  if chosen is None and not verify:
+    return None
   if chosen is None:
     listing = ', '.join(os.path.basename(p) for _, p, _ in damaged) or (
         f'none (the index names {named!r})')
