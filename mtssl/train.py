@@ -16,6 +16,10 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from mtssl.utils import devices  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+devices.initialize_quietly()
+
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from absl import logging
@@ -195,7 +199,9 @@ def main(argv):
   except trainer_lib.NonFiniteLossError as e:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_NONFINITE
-  except configs.ConfigError as e:
+  except (configs.ConfigError, sources_lib.DataSourceError) as e:
+    # Includes a checkpoint that cannot be written (disk full, read-only)
+    # and a data source that stopped yielding usable data.
     print(f'error: {e}', file=sys.stderr)
     return EXIT_USAGE
   except cluster_plan.ClusterError as e:

@@ -110,6 +110,18 @@ class TinyConversionTest(tf.test.TestCase):
       slim_checkpoint.load_slim_checkpoint(
           self.trunk(), os.path.join(self.get_temp_dir(), 'nothing_here'))
 
+  def test_truncated_checkpoint_is_named_not_a_traceback(self):
+    copy = os.path.join(self.get_temp_dir(), 'truncated')
+    for path in tf.io.gfile.glob(self.ckpt + '.*'):
+      tf.io.gfile.copy(path, copy + path[len(self.ckpt):], overwrite=True)
+    data = tf.io.gfile.glob(copy + '.data-*')[0]
+    with open(data, 'r+b') as f:
+      f.truncate(os.path.getsize(data) // 2)
+    with self.assertRaisesRegex(slim_checkpoint.SlimCheckpointError,
+                                f'Checkpoint {copy!r}: variable .* cannot be '
+                                'read'):
+      slim_checkpoint.load_slim_checkpoint(self.trunk(), copy)
+
   def test_restore_rejects_a_trunk_of_another_architecture(self):
     trunk = self.trunk()
     slim_checkpoint.load_slim_checkpoint(trunk, self.ckpt)

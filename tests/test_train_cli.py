@@ -11,8 +11,10 @@ from unittest import mock
 import tensorflow as tf
 from absl.testing import parameterized
 
-from mtssl.configs import training as configs
+from mtssl import tasks as tasks_lib
 from mtssl import train
+from mtssl.configs import base as config_base
+from mtssl.configs import training as configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGFILES = sorted(glob.glob(os.path.join(ROOT, 'flags', '*.flags')))
@@ -146,6 +148,71 @@ class CommandLineTest(tf.test.TestCase):
       self.assertLen(errors, 1, result.stderr[-2000:])
       self.assertIn(message, errors[0])
       self.assertFalse(os.path.exists(f'{self.get_temp_dir()}/run/checkpoint'))
+
+
+SMALL_RP = ('--tasks=rp', '--trunk=resnet_v2_tiny', '--rp_batch_size=2',
+            '--rp_patch_size=32', '--rp_gap=16', '--rp_jitter=3',
+            '--rp_min_pixels=20000', '--rp_max_pixels=30000',
+            '--rp_unit_depths=32,16', '--rp_unit_bottleneck=8',
+            '--rp_fc_bottleneck=16', '--log_every=1')
+
+
+def one_error(test, status, stderr, message):
+  test.assertEqual(status, 2, stderr[-3000:])
+  errors = [l for l in stderr.splitlines() if l.startswith('error:')]
+  test.assertLen(errors, 1, stderr[-3000:])
+  test.assertIn(message, errors[0])
+  test.assertNotIn('Traceback', stderr)
+
+
+class FaultsTest(tf.test.TestCase):
+
+  def test_every_task_flag_has_a_help_text(self):
+    for task in tasks_lib.task_names():
+      cls = tasks_lib.get_task_class(task).config_class
+      for f, _ in config_base.config_fields(cls):
+        self.assertTrue(f.metadata.get('help'), f'{task}: {f.name}')
+        help_text = train.FLAGS[f'{task}_{f.name}'].help
+        self.assertNotIn(f'{task}: {f.name} (default', help_text)
+
+  def test_setup_errors_exit_2_with_one_line(self):
+    tmp = self.get_temp_dir()
+    a_file = os.path.join(tmp, 'a_file')
+    with open(a_file, 'w') as f:
+      f.write('x')
+    garbage = os.path.join(tmp, 'garbage.npy')
+    with open(garbage, 'wb') as f:
+      f.write(b'\x93NUMPY not really')
+    for args, message in (
+        (('--rp_learning_rate=nan',), '--rp_learning_rate must be a finite'),
+        (('--max_cost=inf',), '--max_cost must be a finite'),
+        ((f'--model_dir={a_file}',), 'is a file, not a directory'),
+        ((f'--model_dir={a_file}/run',), 'cannot be written'),
+        ((f'--col_prior_path={garbage}',), f"col: Colour prior '{garbage}'"),
+        ((*SMALL_RP, '--steps=1', f'--model_dir={tmp}/init',
+          '--init_checkpoint=/no/such/ckpt'),
+         "init_checkpoint '/no/such/ckpt' does not exist"),
+    ):
+      if not any(a.startswith('--model_dir') for a in args):
+        args = (*args, f'--model_dir={tmp}/run')
+      status, stderr = main_in_process(*args)
+      one_error(self, status, stderr, message)
+
+  def test_resume_with_another_trunk_exits_2_quietly_without_hanging(self):
+    model_dir = os.path.join(self.get_temp_dir(), 'run')
+    status, stderr = main_in_process(*SMALL_RP, '--steps=1',
+                                     f'--model_dir={model_dir}')
+    self.assertEqual(status, 0, stderr[-3000:])
+    # A real process: live input iterators used to hang its exit.
+    env = dict(os.environ)
+    env.pop('TF_CPP_MIN_LOG_LEVEL', None)
+    result = subprocess.run(
+        [sys.executable, '-m', 'mtssl.train', *SMALL_RP, '--steps=2',
+         '--trunk=resnet_v2_small', f'--model_dir={model_dir}'],
+        capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
+    one_error(self, result.returncode, result.stderr, 'does not fit this model')
+    self.assertNotIn('Value in checkpoint could not be found', result.stderr)
+    self.assertNotIn('cuInit', result.stderr)
 
 
 if __name__ == '__main__':

@@ -64,6 +64,7 @@ def main(argv):
           file=sys.stderr)
     return 2
   # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
   from mtssl.data import sources
   from mtssl.ops import ab_bins
   from mtssl.tasks import col
@@ -76,8 +77,13 @@ def main(argv):
     source = task.make_source(_SOURCE.value, tfds_data_dir=_TFDS_DATA_DIR.value)
     start = time.time()
     sigma = ab_bins.SIGMA if _SIGMA.value is None else _SIGMA.value
-    counts, prior = col.estimate_prior(task, source, _NUM_IMAGES.value,
-                                       seed=_SEED.value, sigma=sigma)
+    try:
+      counts, prior = col.estimate_prior(task, source, _NUM_IMAGES.value,
+                                         seed=_SEED.value, sigma=sigma)
+    except tf.errors.OpError as e:
+      # A source that stopped yielding (e.g. only grayscale images).
+      sources.raise_if_stalled(e, source.counter)
+      raise
   except (sources.DataSourceError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

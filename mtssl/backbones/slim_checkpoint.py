@@ -163,7 +163,12 @@ def load_slim_checkpoint(trunk: resnet_lib.ResNetV2, path: str,
 
   values = {}
   for name, var in expected.items():
-    value = reader.get_tensor(name)
+    try:
+      value = reader.get_tensor(name)
+    except (tf.errors.OpError, IndexError) as e:  # Truncated or corrupt data.
+      raise SlimCheckpointError(
+          f'Checkpoint {path!r}: variable {name} cannot be read: '
+          f'{str(e).splitlines()[0]}') from None
     if not np.all(np.isfinite(value)):
       raise SlimCheckpointError(f'Checkpoint {path!r}: variable {name} holds '
                                 f'non-finite values.')
@@ -224,10 +229,13 @@ def restore_objects(path: str, objects, description: str,
     if latest is None:
       raise error_class(f'No checkpoint found in directory {path!r}.')
     path = latest
+  status = None
   try:
     status = tf.train.Checkpoint(**objects).read(path)
     status.assert_existing_objects_matched()
   except (AssertionError, ValueError, tf.errors.OpError) as e:
+    if status is not None:
+      status.expect_partial()  # The mismatch is reported here, once.
     raise error_class(
         f'Checkpoint {path!r} does not match {description}: '
         f'{str(e).splitlines()[0]}') from None

@@ -12,6 +12,7 @@ Typical use:
 """
 
 import dataclasses
+import math
 import sys
 import typing
 
@@ -119,6 +120,18 @@ def define_flags(cls, prefix: str = '', help_prefix: str = '', defaults=None,
                 flag_values=flag_values)
 
 
+def check_finite(config, prefix: str = ''):
+  """ConfigError naming the first float field of `config` that is NaN or
+  infinite (absl's float flags accept 'nan' and 'inf')."""
+  for f, kind in config_fields(type(config)):
+    value = getattr(config, f.name)
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+      if isinstance(v, float) and not math.isfinite(v):
+        raise ConfigError(f'{prefix}{f.name} must be a finite number, got '
+                          f'{_show(value)}.')
+
+
 def given_values(flag_values, prefix: str, cls, skip=()):
   """{field: value} for the fields of `cls` whose flag `prefix+field` was set."""
   out = {}
@@ -136,6 +149,10 @@ def given_values(flag_values, prefix: str, cls, skip=()):
             f'--{prefix}{f.name}: expected comma-separated '
             f'{kind.element.__name__} values, got {",".join(value)!r}.'
         ) from None
+    for v in (value if isinstance(value, tuple) else (value,)):
+      if isinstance(v, float) and not math.isfinite(v):
+        raise ConfigError(f'--{prefix}{f.name} must be a finite number, got '
+                          f'{_show(value)}.')
     out[f.name] = value
   return out
 

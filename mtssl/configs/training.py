@@ -117,13 +117,22 @@ class TrainConfig:
       'dynamic', 'dynamic: each stream position once, any order; off: every '
       'worker runs the whole stream (one worker: the local batches exactly)',
       choices=DATA_SERVICE_MODES)
+  max_consecutive_skips: int = base.field(
+      1000, 'stop with an error naming the source after this many skipped '
+      'elements in a row (or a whole epoch of a finite source skipped)')
+  max_image_pixels: int = base.field(
+      36_000_000, 'skip (and count) images whose header gives more pixels '
+      'than this, before decoding them')
 
   def validate(self):
     """Raises ConfigError naming the first invalid field."""
     if not self.tasks:
       raise ConfigError('tasks: at least one task is needed.')
     known = tasks_lib.task_names()
+    base.check_finite(self)
     for name, run in self.tasks.items():
+      base.check_finite(run, f'{name}_')
+      base.check_finite(run.config, f'{name}_')
       if name not in known:
         raise ConfigError(f'tasks: unknown task {name!r}; known tasks: '
                           f'{", ".join(known)}.')
@@ -167,7 +176,8 @@ class TrainConfig:
     if self.steps is None and self.max_cost is None:
       raise ConfigError('Set steps or max_cost (the run needs an end).')
     for field in ('steps', 'checkpoint_every', 'keep_checkpoints', 'log_every',
-                  'summary_every', 'image_summary_every', 'max_nonfinite_steps'):
+                  'summary_every', 'image_summary_every', 'max_nonfinite_steps',
+                  'max_consecutive_skips', 'max_image_pixels'):
       value = getattr(self, field)
       if value is not None and value <= 0:
         raise ConfigError(f'{field} must be positive, got {value}.')
@@ -179,6 +189,16 @@ class TrainConfig:
       value = getattr(self, field)
       if not 0 <= value < 1:
         raise ConfigError(f'{field} must be in [0, 1), got {value}.')
+    if self.snapshot_cost is not None:
+      for name, run in self.tasks.items():
+        cost = (self.step_cost_from_paper(name)
+                if run.step_cost is not None or self.cost_model == 'paper'
+                else None)
+        if cost is not None and self.snapshot_cost < cost:
+          raise ConfigError(
+              f'snapshot_cost {self.snapshot_cost:g} is below the cost of one '
+              f'{name} step ({cost:g} device-hours): every step would cross '
+              f'a multiple.')
     if self.rmsprop_epsilon <= 0:
       raise ConfigError(f'rmsprop_epsilon must be positive, got '
                         f'{self.rmsprop_epsilon}.')

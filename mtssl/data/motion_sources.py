@@ -27,9 +27,19 @@ TRUNCATED_SHARD = 'ms_truncated_shard'
 class MotionSource(abc.ABC):
   """A deterministic, position-addressed stream of (frame, motion label)."""
 
+  max_consecutive_skips: int = sources.MAX_CONSECUTIVE_SKIPS
+
   def __init__(self, name: str):
     self.name = name
     self.counter = sources.SkipCounter(name)
+
+  def epoch_size(self) -> Optional[int]:
+    """Records per epoch of a finite source, else None."""
+    return None
+
+  def _arm_counter(self):
+    sources.set_skip_limit(self.counter, self.max_consecutive_skips,
+                           self.epoch_size())
 
   @abc.abstractmethod
   def validate(self) -> None:
@@ -109,8 +119,12 @@ class MotionRecordSource(MotionSource):
           f'The shards at {self.path!r} ({len(self.index.files)} files) hold '
           f'no complete record.')
 
+  def epoch_size(self):
+    return len(self.index)
+
   def examples(self, seed, start=0):
     self.validate()
+    self._arm_counter()
     index = self.index
     files = list(index.files)
     file_ids = tf.constant(index.file_ids)
@@ -137,7 +151,8 @@ class MotionRecordSource(MotionSource):
 
     ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max).map(
         _map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.filter(lambda k, frame, label, ok: ok)
+    ds = ds.filter(
+        lambda k, frame, label, ok: counter.keep(ok, 'record', count=False))
     return ds.map(lambda k, frame, label, ok: (k, frame, label))
 
 

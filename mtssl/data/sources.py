@@ -15,6 +15,7 @@ Typical use:
 import abc
 import collections
 import os
+import struct
 import threading
 from typing import Dict, Optional, Tuple
 
@@ -26,17 +27,34 @@ from mtssl.data import synthetic
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 # Status codes returned by decode_image_bytes.
-OK, GRAYSCALE, ALPHA, SIXTEEN_BIT, EMPTY, CORRUPT, TRUNCATED = range(7)
+(OK, GRAYSCALE, ALPHA, SIXTEEN_BIT, EMPTY, CORRUPT, TRUNCATED, TOO_LARGE,
+ UNREADABLE) = range(9)
 STATUS_NAMES = {
     OK: 'ok', GRAYSCALE: 'converted_grayscale', ALPHA: 'converted_alpha',
     SIXTEEN_BIT: 'converted_16bit', EMPTY: 'skipped_empty',
     CORRUPT: 'skipped_corrupt', TRUNCATED: 'skipped_truncated',
+    TOO_LARGE: 'skipped_too_large', UNREADABLE: 'skipped_unreadable',
 }
-SKIPPED = (EMPTY, CORRUPT, TRUNCATED)
+SKIPPED = (EMPTY, CORRUPT, TRUNCATED, TOO_LARGE, UNREADABLE)
+# Defaults of TrainConfig.max_consecutive_skips / max_image_pixels (BUILD.md).
+MAX_CONSECUTIVE_SKIPS = 1000
+MAX_IMAGE_PIXELS = 36_000_000
 
 
 class DataSourceError(ValueError):
-  """A source that cannot supply data; raised before any training work."""
+  """A source that cannot supply data; the message names it."""
+
+
+class SourceStalled(DataSourceError):
+  """Raised inside tf.data when a source has stopped yielding usable data."""
+
+
+def raise_if_stalled(error: Exception, *counters) -> None:
+  """Re-raises tf.data's `error` as the DataSourceError a counter recorded."""
+  for counter in counters:
+    if counter.failure:
+      raise DataSourceError(counter.failure) from None
+  del error
 
 
 class SkipCounter:
@@ -49,6 +67,11 @@ class SkipCounter:
     self.name = name
     self._lock = threading.Lock()
     self._counts = collections.Counter()
+    self._streaks = collections.Counter()
+    # Consecutive skips at one stage that stop the source (None: unbounded).
+    self.limit: Optional[int] = None
+    self.limit_reason = ''
+    self.failure: Optional[str] = None
 
   def add(self, reason: str, n: int = 1):
     with self._lock:
@@ -62,14 +85,32 @@ class SkipCounter:
     """Everything but the plain 'ok' decodes."""
     return {k: v for k, v in self.snapshot().items() if k != 'ok'}
 
-  def keep(self, keep: tf.Tensor, reason: str) -> tf.Tensor:
-    """Passes a boolean through, counting `reason` when it is False.
+  def _streak(self, reason: str, kept: bool):
+    with self._lock:
+      self._streaks[reason] = 0 if kept else self._streaks[reason] + 1
+      streak = self._streaks[reason]
+    if self.limit is not None and streak >= self.limit:
+      if self.failure:  # The pipeline may call once more before it stops.
+        raise SourceStalled(self.failure)
+      counts = ', '.join(f'{k} {v}' for k, v in sorted(self.problems().items()))
+      self.failure = (
+          f'{self.name}: {streak} elements in a row skipped ({reason}; '
+          f'{self.limit_reason}); counts so far: {counts or "none"}. The '
+          f'source yields no usable data.')
+      raise SourceStalled(self.failure)
 
-    For use in `Dataset.filter`: `ds.filter(lambda x: counter.keep(ok, 'why'))`.
+  def keep(self, keep: tf.Tensor, reason: str, count: bool = True) -> tf.Tensor:
+    """Passes a boolean through, counting `reason` when it is False (unless
+    `count` is False: already counted). Too many False in a row raise
+    SourceStalled (see `limit`).
+
+    For use in `Dataset.filter` (a sequential stage, so "in a row" follows the
+    stream): `ds.filter(lambda x: counter.keep(ok, 'why'))`.
     """
     def _count(flag):
-      if not flag:
+      if not flag and count:
         self.add(reason)
+      self._streak(reason, bool(flag))
       return flag
     out = tf.numpy_function(_count, [keep], tf.bool, stateful=True)
     out.set_shape([])
@@ -95,15 +136,74 @@ def _is_truncated(data: bytes) -> bool:
   return False
 
 
-def decode_image_bytes(data: bytes) -> Tuple[Optional[np.ndarray], int]:
+def _jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
+  i = 2
+  while i + 9 <= len(data):
+    if data[i] != 0xFF:
+      return None
+    marker = data[i + 1]
+    if marker == 0xFF:  # Fill byte.
+      i += 1
+      continue
+    if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+      i += 2
+      continue
+    length = struct.unpack('>H', data[i + 2:i + 4])[0]
+    if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+      height, width = struct.unpack('>HH', data[i + 5:i + 9])
+      return width, height
+    i += 2 + length
+  return None
+
+
+def _webp_size(data: bytes) -> Optional[Tuple[int, int]]:
+  chunk = data[12:16]
+  if chunk == b'VP8X' and len(data) >= 30:
+    return (int.from_bytes(data[24:27], 'little') + 1,
+            int.from_bytes(data[27:30], 'little') + 1)
+  if chunk == b'VP8 ' and len(data) >= 30:
+    width, height = struct.unpack('<HH', data[26:30])
+    return width & 0x3FFF, height & 0x3FFF
+  if chunk == b'VP8L' and len(data) >= 25:
+    bits = int.from_bytes(data[21:25], 'little')
+    return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+  return None
+
+
+def header_pixels(data: bytes) -> Optional[int]:
+  """Width x height from a PNG, JPEG, BMP or WebP header; None when unknown.
+
+  Read without decoding, so an oversized image is refused before it takes
+  memory.
+  """
+  size = None
+  if data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) >= 24:
+    size = struct.unpack('>II', data[16:24])
+  elif data[:2] == b'\xff\xd8':
+    size = _jpeg_size(data)
+  elif data[:2] == b'BM' and len(data) >= 26:
+    width, height = struct.unpack('<ii', data[18:26])
+    size = abs(width), abs(height)
+  elif data[:4] == b'RIFF' and data[8:12] == b'WEBP':
+    size = _webp_size(data)
+  return None if size is None else int(size[0]) * int(size[1])
+
+
+def decode_image_bytes(data: bytes, max_pixels: Optional[int] = None
+                       ) -> Tuple[Optional[np.ndarray], int]:
   """Decodes any image file to uint8 RGB [H, W, 3]. Returns (image, status).
 
-  The image is None when the status is one of SKIPPED.
+  The image is None when the status is one of SKIPPED; images whose header
+  gives more than `max_pixels` pixels are not decoded (TOO_LARGE).
   """
   if not data:
     return None, EMPTY
   if _is_truncated(data):
     return None, TRUNCATED
+  if max_pixels is not None:
+    pixels = header_pixels(data)
+    if pixels is not None and pixels > max_pixels:
+      return None, TOO_LARGE
   image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
   if image is None or image.size == 0:
     return None, CORRUPT
@@ -129,10 +229,20 @@ def decode_image_bytes(data: bytes) -> Tuple[Optional[np.ndarray], int]:
   return np.ascontiguousarray(image), status
 
 
-def decode_in_dataset(encoded: tf.Tensor, counter: SkipCounter):
-  """tf.data map fn: bytes -> (uint8 [H, W, 3] image, ok flag); counts status."""
+def decode_in_dataset(encoded: tf.Tensor, counter: SkipCounter,
+                      max_pixels: Optional[int] = None, is_path: bool = False):
+  """tf.data map fn: bytes (or, with `is_path`, a file name to read) ->
+  (uint8 [H, W, 3] image, ok flag); counts the status."""
   def _decode(data):
-    image, status = decode_image_bytes(bytes(data))
+    data = bytes(data)
+    if is_path:
+      try:
+        with open(data, 'rb') as f:
+          data = f.read()
+      except OSError:
+        counter.add(STATUS_NAMES[UNREADABLE])
+        return np.zeros((1, 1, 3), np.uint8), False
+    image, status = decode_image_bytes(data, max_pixels)
     counter.add(STATUS_NAMES[status])
     if image is None:
       return np.zeros((1, 1, 3), np.uint8), False
@@ -147,9 +257,20 @@ def decode_in_dataset(encoded: tf.Tensor, counter: SkipCounter):
 class ImageSource(abc.ABC):
   """A deterministic, position-addressed, endless stream of RGB uint8 images."""
 
+  max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS
+  max_image_pixels: Optional[int] = MAX_IMAGE_PIXELS
+
   def __init__(self, name: str):
     self.name = name
     self.counter = SkipCounter(name)
+
+  def epoch_size(self) -> Optional[int]:
+    """Elements per epoch of a finite source, else None."""
+    return None
+
+  def _arm_counter(self):
+    """Sets the counter's stop rule before a pipeline is built."""
+    set_skip_limit(self.counter, self.max_consecutive_skips, self.epoch_size())
 
   @abc.abstractmethod
   def validate(self) -> None:
@@ -182,6 +303,7 @@ class SyntheticImageSource(ImageSource):
                             f'{self.height}x{self.width}.')
 
   def images(self, seed, start=0):
+    self._arm_counter()
     height, width = self.height, self.width
 
     def _render(index):
@@ -194,6 +316,18 @@ class SyntheticImageSource(ImageSource):
 
     return tf.data.Dataset.range(start, np.iinfo(np.int64).max).map(
         _map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def set_skip_limit(counter: SkipCounter, max_consecutive: int,
+                   epoch_size: Optional[int]):
+  """The counter stops after `max_consecutive` skips in a row, or after
+  2n - 1 for a source of n elements (that span always holds a whole epoch)."""
+  counter.limit = max_consecutive
+  counter.limit_reason = f'max_consecutive_skips={max_consecutive}'
+  if epoch_size and 2 * epoch_size - 1 < max_consecutive:
+    counter.limit = 2 * epoch_size - 1
+    counter.limit_reason = (f'a whole epoch of {epoch_size} elements gave '
+                            f'nothing')
 
 
 def list_image_files(root: str):
@@ -240,21 +374,27 @@ class FolderImageSource(ImageSource):
           f'Image folder {self.root!r} contains no image files '
           f'({", ".join(IMAGE_EXTENSIONS)}).')
 
+  def epoch_size(self):
+    return len(self.files)
+
   def images(self, seed, start=0):
     self.validate()
+    self._arm_counter()
     files = tf.constant(self.files)
     n = len(self.files)
     counter = self.counter
+    max_pixels = self.max_image_pixels
 
     def _read(k):
       i = _epoch_permutation_index(k, n, seed)
-      data = tf.io.read_file(files[i])
-      image, ok = decode_in_dataset(data, counter)
+      # Read inside the decoder: a file deleted mid-run is a counted skip.
+      image, ok = decode_in_dataset(files[i], counter, max_pixels,
+                                    is_path=True)
       return k, image, ok
 
     ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max).map(
         _read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.filter(lambda k, image, ok: ok)
+    ds = ds.filter(lambda k, image, ok: counter.keep(ok, 'decode', count=False))
     return ds.map(lambda k, image, ok: (k, image))
 
 
@@ -313,17 +453,26 @@ class TfdsImageSource(ImageSource):
     ds = ds.repeat().enumerate().skip(start)
     return ds
 
+  def epoch_size(self):
+    try:
+      return int(self._builder().info.splits[self.split].num_examples) or None
+    except Exception:  # pylint: disable=broad-except
+      return None
+
   def images(self, seed, start=0):
     counter = self.counter
     key = self.image_key
+    max_pixels = self.max_image_pixels
+    ds = self.records(seed, start)
+    self._arm_counter()
 
     def _decode(k, record):
-      image, ok = decode_in_dataset(record[key], counter)
+      image, ok = decode_in_dataset(record[key], counter, max_pixels)
       return k, image, ok
 
-    ds = self.records(seed, start).map(
-        _decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.filter(lambda k, image, ok: ok)
+    ds = ds.map(_decode, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    ds = ds.filter(lambda k, image, ok: counter.keep(ok, 'decode', count=False))
     return ds.map(lambda k, image, ok: (k, image))
 
 

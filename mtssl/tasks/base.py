@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Dict, Optional, Tuple, Type
 import tensorflow as tf
 import tf_keras
 
+from mtssl.configs import base as config_base
 from mtssl.data import sources
 
 _REGISTRY: Dict[str, Type['Task']] = {}
@@ -29,8 +30,8 @@ _REGISTRY: Dict[str, Type['Task']] = {}
 @dataclasses.dataclass
 class TaskConfig:
   """Settings every task has; tasks subclass it with their own fields."""
-  # Examples per batch; the paper's per-GPU batch sizes are in flags/.
-  batch_size: int = 8
+  # The paper's per-GPU batch sizes are in flags/.
+  batch_size: int = config_base.field(8, 'examples per batch')
 
   def validate(self):
     if self.batch_size <= 0:

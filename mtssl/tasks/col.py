@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from mtssl.configs import base as config_base
 from mtssl.utils import io_utils
 from mtssl.ops import preprocessing
 from mtssl.backbones import resnet_v2
@@ -41,20 +42,37 @@ SKIP_REASON = 'col_skipped_grayscale'
 @dataclasses.dataclass
 class ColConfig(base.TaskConfig):
   """Colorization settings; defaults are the paper's."""
-  image_size: int = 256            # square input (paper: 256)
-  target_stride: int = 8           # output stride of the trunk (paper: 8)
-  num_neighbors: int = 5           # soft encoding k (Zhang paper 5, code 10)
-  sigma: float = ab_bins.SIGMA     # soft encoding Gaussian, ab units
-  rebalance_lambda: float = ab_bins.REBALANCE_LAMBDA  # 1 = no rebalancing
-  # Colour prior of the training data; default: the built-in synthetic one.
-  prior_path: str = dataclasses.field(default_factory=ab_bins.default_prior_path)
-  temperature: float = ab_bins.ANNEALED_TEMPERATURE
-  head_widths: Tuple[int, ...] = (4096, 4096)  # 2x2 conv, then 1x1 convs
-  head_batch_norm: bool = True
-  min_chroma: float = 3.0          # max |a|,|b| below this: grayscale, skipped
-  random_flip: bool = True
-  summary_images: int = 3
-  fast_preprocessing: bool = True  # same values, cheaper kernels (docstring)
+  image_size: int = config_base.field(
+      256, 'side of the square input crop in pixels (paper: 256)')
+  target_stride: int = config_base.field(
+      8, 'output stride of the trunk; targets are ab averaged over cells of '
+      'this size (paper: 8)')
+  num_neighbors: int = config_base.field(
+      5, 'ab bins of the soft encoding of each target (Zhang et al.: 5)')
+  sigma: float = config_base.field(
+      ab_bins.SIGMA, 'Gaussian of the soft encoding, in ab units')
+  rebalance_lambda: float = config_base.field(
+      ab_bins.REBALANCE_LAMBDA, 'class rebalancing: weight of the uniform '
+      'distribution mixed into the prior (1 = no rebalancing)')
+  prior_path: str = config_base.field(
+      None, 'colour prior of the training data (.npy from '
+      'tools/estimate_color_prior.py); default: the built-in synthetic one',
+      default_factory=ab_bins.default_prior_path)
+  temperature: float = config_base.field(
+      ab_bins.ANNEALED_TEMPERATURE, 'softmax temperature of the annealed-mean '
+      'colour decoding (summaries, tools/colorize.py)')
+  head_widths: Tuple[int, ...] = config_base.field(
+      (4096, 4096), 'widths of the head: a 2x2 conv, then 1x1 convs')
+  head_batch_norm: bool = config_base.field(
+      True, 'batch norm in the head (else conv + bias + ReLU)')
+  min_chroma: float = config_base.field(
+      3.0, 'images whose max |a|,|b| is below this are grayscale: skipped '
+      'and counted')
+  random_flip: bool = config_base.field(True, 'random horizontal flips')
+  summary_images: int = config_base.field(
+      3, 'images in each TensorBoard colorization summary')
+  fast_preprocessing: bool = config_base.field(
+      True, 'the same values with cheaper kernels (module docstring)')
 
   def validate(self):
     super().validate()

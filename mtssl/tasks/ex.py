@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from mtssl.configs import base as config_base
 from mtssl.backbones import resnet_v2
 from mtssl.data import problems
 from mtssl.ops import color
@@ -71,23 +72,37 @@ _COLOR_SEED = 100  # A view's colour draws come from its draw _COLOR_SEED.
 @dataclasses.dataclass
 class ExConfig(base.TaskConfig):
   """Exemplar settings; defaults are the paper's / Dosovitskiy et al.'s."""
-  image_size: int = 256
-  patch_size: int = 96
-  max_translation: float = 0.2       # fraction of the patch size, per axis
-  scale_range: Tuple[float, float] = (0.7, 1.4)
-  max_rotation_degrees: float = 20.0
-  pca_factor_range: Tuple[float, float] = (0.5, 2.0)
-  sv_power_range: Tuple[float, float] = (0.25, 4.0)
-  sv_factor_range: Tuple[float, float] = (0.7, 1.4)
-  max_sv_shift: float = 0.1
-  max_hue_shift: float = 0.1
-  margin: float = MARGIN
-  unit_depths: Tuple[int, ...] = heads.PAPER_UNIT_DEPTHS
-  unit_bottleneck: int = heads.PAPER_UNIT_BOTTLENECK
-  weight_decay: float = 1e-4
-  # One batched colour shift of the three views with fast kernels (same
-  # values; module docstring).
-  fast_preprocessing: bool = True
+  image_size: int = config_base.field(
+      256, 'images are resized to this square size (paper: 256)')
+  patch_size: int = config_base.field(96, 'side of each view in pixels')
+  max_translation: float = config_base.field(
+      0.2, 'largest shift of a view\'s centre, as a fraction of the patch '
+      'size per axis')
+  scale_range: Tuple[float, float] = config_base.field(
+      (0.7, 1.4), 'scaling factor range of a view (log-uniform)')
+  max_rotation_degrees: float = config_base.field(
+      20.0, 'largest rotation of a view in degrees')
+  pca_factor_range: Tuple[float, float] = config_base.field(
+      (0.5, 2.0), 'factor range on each principal colour component '
+      '("contrast 1", log-uniform)')
+  sv_power_range: Tuple[float, float] = config_base.field(
+      (0.25, 4.0), 'power range of saturation and value ("contrast 2", '
+      'log-uniform)')
+  sv_factor_range: Tuple[float, float] = config_base.field(
+      (0.7, 1.4), 'factor range of saturation and value (log-uniform)')
+  max_sv_shift: float = config_base.field(
+      0.1, 'largest shift of saturation and value')
+  max_hue_shift: float = config_base.field(
+      0.1, 'largest hue shift, as a fraction of the hue circle')
+  margin: float = config_base.field(MARGIN, 'triplet loss margin M')
+  unit_depths: Tuple[int, ...] = config_base.field(
+      heads.PAPER_UNIT_DEPTHS, 'output depths of the head\'s ResNet units')
+  unit_bottleneck: int = config_base.field(
+      heads.PAPER_UNIT_BOTTLENECK, 'bottleneck depth of the head\'s units')
+  weight_decay: float = config_base.field(1e-4, 'L2 weight decay of the head')
+  fast_preprocessing: bool = config_base.field(
+      True, 'one batched colour shift of the three views with fast kernels '
+      '(same values; module docstring)')
 
   def validate(self):
     super().validate()

@@ -12,6 +12,7 @@ from typing import Dict, Sequence, Tuple
 import tensorflow as tf
 import tf_keras
 
+from mtssl.configs import base as config_base
 from mtssl.ops import preprocessing
 from mtssl.backbones import resnet_v2
 from mtssl.data import motion_sources
@@ -27,12 +28,15 @@ PAPER_HEAD_GMACS = 25.2
 @dataclasses.dataclass
 class MsConfig(base.TaskConfig):
   """Motion-segmentation settings; defaults are the paper's."""
-  frame_height: int = 240
-  frame_width: int = 320
-  # The trunk's output stride: the label is frame / label_stride.
-  label_stride: int = 8
-  head_widths: Tuple[int, ...] = (4096, 4096)
-  head_batch_norm: bool = True
+  frame_height: int = config_base.field(240, 'frame height in pixels')
+  frame_width: int = config_base.field(320, 'frame width in pixels')
+  label_stride: int = config_base.field(
+      8, 'the trunk\'s output stride: a label cell covers this many pixels '
+      'per side')
+  head_widths: Tuple[int, ...] = config_base.field(
+      (4096, 4096), 'widths of the head\'s conv layers')
+  head_batch_norm: bool = config_base.field(
+      True, 'batch norm in the head (else conv + bias + ReLU)')
 
   def validate(self):
     super().validate()

@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 import tensorflow as tf
 import tf_keras
 
+from mtssl.configs import base as config_base
 from mtssl.backbones import resnet_v2
 from mtssl.data import problems
 from mtssl.ops import color
@@ -127,22 +128,32 @@ _PATCH_SEEDS = 100  # Patch i's colour seed is draw _PATCH_SEEDS + i.
 @dataclasses.dataclass
 class RPConfig(base.TaskConfig):
   """Relative position settings; defaults are the paper's / 2015 values."""
-  patch_size: int = 96
-  gap: int = 48
-  jitter: int = 7
-  min_pixels: int = 150_000
-  max_pixels: int = 450_000
-  # Lab lightness replicated x3 instead of colour dropping (paper 3.3).
-  harmonize: bool = False
-  # Head widths (paper section 3.4).
-  unit_depths: Tuple[int, ...] = heads.PAPER_UNIT_DEPTHS
-  unit_bottleneck: int = heads.PAPER_UNIT_BOTTLENECK
-  fc_depth: Optional[int] = None  # None: one patch's flattened width (4608).
-  fc_bottleneck: int = PAPER_FC_BOTTLENECK
-  num_fc_units: int = PAPER_NUM_FC_UNITS
-  weight_decay: float = 1e-4
-  # Resize only the patch windows (same values; module docstring).
-  fast_preprocessing: bool = True
+  patch_size: int = config_base.field(96, 'side of each patch in pixels')
+  gap: int = config_base.field(48, 'pixels between adjacent grid patches')
+  jitter: int = config_base.field(
+      7, 'largest random shift of each patch, pixels per axis')
+  min_pixels: int = config_base.field(
+      150_000, 'images are resized to between min_pixels and max_pixels')
+  max_pixels: int = config_base.field(
+      450_000, 'upper end of the resize range (see min_pixels)')
+  harmonize: bool = config_base.field(
+      False, 'Lab lightness replicated x3 instead of colour dropping (the '
+      'paper\'s /H, section 3.3)')
+  unit_depths: Tuple[int, ...] = config_base.field(
+      heads.PAPER_UNIT_DEPTHS, 'output depths of the head\'s per-patch ResNet '
+      'units (paper section 3.4)')
+  unit_bottleneck: int = config_base.field(
+      heads.PAPER_UNIT_BOTTLENECK, 'bottleneck depth of the per-patch units')
+  fc_depth: Optional[int] = config_base.field(
+      None, 'width of the pair units (default: one patch\'s flattened '
+      'width, 4608)')
+  fc_bottleneck: int = config_base.field(
+      PAPER_FC_BOTTLENECK, 'bottleneck depth of the pair units')
+  num_fc_units: int = config_base.field(
+      PAPER_NUM_FC_UNITS, 'pair units before the 8-way classifier')
+  weight_decay: float = config_base.field(1e-4, 'L2 weight decay of the head')
+  fast_preprocessing: bool = config_base.field(
+      True, 'resize only the patch windows (same values; module docstring)')
 
   def validate(self):
     super().validate()

@@ -17,6 +17,7 @@ from mtssl import tasks as tasks_lib
 from mtssl.backbones import slim_checkpoint
 from mtssl.configs import training as configs
 from mtssl.data import sources as sources_lib
+from mtssl.training import checkpoints as checkpoints_lib
 from mtssl.training import core
 from mtssl.training import step as step_lib
 
@@ -61,9 +62,16 @@ def task_seed(seed, name):
 
 
 def make_tasks(config: configs.TrainConfig):
-  """The configured tasks, {name: Task}."""
-  return {name: tasks_lib.get_task_class(name)(run.config)
-          for name, run in config.tasks.items()}
+  """The configured tasks, {name: Task}; a task that cannot be built (e.g.
+  an unreadable colour prior) is a ConfigError naming it."""
+  tasks = {}
+  for name, run in config.tasks.items():
+    try:
+      tasks[name] = tasks_lib.get_task_class(name)(run.config)
+    except (ValueError, OSError) as e:
+      raise configs.ConfigError(f'{name}: {checkpoints_lib.first_line(e)}'
+                                ) from None
+  return tasks
 
 
 def make_sources(config: configs.TrainConfig, tasks):
@@ -73,6 +81,9 @@ def make_sources(config: configs.TrainConfig, tasks):
     spec = config.tasks[name].data
     try:
       source = task.make_source(spec, tfds_data_dir=config.tfds_data_dir)
+      source.max_consecutive_skips = config.max_consecutive_skips
+      if hasattr(source, 'max_image_pixels'):  # Image sources (not ms's).
+        source.max_image_pixels = config.max_image_pixels
       source.validate()
     except sources_lib.DataSourceError as e:
       raise sources_lib.DataSourceError(f'{name}_data={spec!r}: {e}') from None
@@ -97,10 +108,10 @@ class Run:
 
     run.prepare()                          # tasks, sources, model_dir
     with core.precision_policy(...):       # (and a strategy scope)
-      status = run.create_model_and_state()
+      resumed = run.create_model_and_state()
       run.model.build_all(example_features)
-      run.restore_or_initialize(status)
-      run.make_steps(status)
+      run.restore_or_initialize(resumed)
+      run.make_steps(resumed)
   """
 
   def __init__(self, config: configs.TrainConfig):
@@ -121,8 +132,8 @@ class Run:
           'native_atrous needs --xla on a machine without a GPU: '
           'TensorFlow\'s CPU kernels have no gradient for dilated Conv2D ops.')
     self.tasks = make_tasks(cfg)
+    checkpoints_lib.check_model_dir(cfg.model_dir)
     self.sources = make_sources(cfg, self.tasks)
-    os.makedirs(cfg.model_dir, exist_ok=True)
 
   def precision_policy(self):
     return core.precision_policy(self.config.mixed_precision)
@@ -136,7 +147,8 @@ class Run:
     Variables are created in the current (distribution strategy) scope.
     `extra_checkpoint_items` are saved with every checkpoint and restored
     leniently (what a checkpoint lacks keeps its initial value). Returns the
-    restore status of the latest checkpoint in model_dir, or None.
+    checkpoint the run resumes from (the newest intact one in model_dir;
+    its counters are restored now), or None.
     """
     cfg = self.config
     self.model = core.build_model(
@@ -154,16 +166,25 @@ class Run:
                  **self.model.checkpoint_items)
     extra = dict(extra_checkpoint_items or {})
     self.checkpoint = tf.train.Checkpoint(**items, **extra)
+    self.resumed_from = checkpoints_lib.resolve_latest(cfg.model_dir)
+    checkpoints_lib.resolve_latest(os.path.join(cfg.model_dir, 'snapshots'),
+                                   'snapshot', verify=False)
     self.manager = tf.train.CheckpointManager(
         self.checkpoint, cfg.model_dir, max_to_keep=cfg.keep_checkpoints,
         checkpoint_name='ckpt')
     self.snapshot_manager = tf.train.CheckpointManager(
         self.checkpoint, os.path.join(cfg.model_dir, 'snapshots'),
         max_to_keep=None, checkpoint_name='snapshot')
-    self.resumed_from = self.manager.latest_checkpoint
+    self.saved_at = None
+    self._items = items
+    self._restore_status = None
     if not self.resumed_from:
       return None
-    restore_status = tf.train.Checkpoint(**items).restore(self.resumed_from)
+    self._check_saved_tasks(self.resumed_from)
+    # The counters now (the input streams start at their positions); the
+    # model and optimizers once built, by restore_or_initialize.
+    tf.train.Checkpoint(state=self.state).restore(
+        self.resumed_from).expect_partial()
     if extra:
       tf.train.Checkpoint(**extra).restore(self.resumed_from).expect_partial()
     if int(self.state.seed.numpy()) != cfg.seed:
@@ -171,39 +192,94 @@ class Run:
           f'{cfg.model_dir} holds a run with seed '
           f'{int(self.state.seed.numpy())}, not {cfg.seed}; use another '
           f'model_dir or the same seed to resume.')
-    return restore_status
+    self.saved_at = int(self.state.global_step.numpy())
+    return self.resumed_from
 
-  def restore_or_initialize(self, restore_status):
-    """After the model is built: checks the restore, or applies init_checkpoint."""
-    if restore_status is not None:
-      restore_status.assert_existing_objects_matched()
+  def _check_saved_tasks(self, prefix):
+    saved = checkpoints_lib.saved_tasks(prefix)
+    if saved and sorted(saved) != sorted(self.names):
+      raise checkpoints_lib.CheckpointError(
+          f'{self.config.model_dir} holds a run of tasks {",".join(saved)}, '
+          f'not {",".join(self.names)}: resume with --tasks={",".join(saved)}, '
+          f'or start a new model_dir with --init_checkpoint={prefix} (trunk '
+          f'and the heads it has).')
+
+  def _assert_restored(self):
+    """Restores the built model (first call) and checks that the checkpoint
+    matched it, or raises a CheckpointError naming the run."""
+    try:
+      if self._restore_status is None:
+        self._restore_status = tf.train.Checkpoint(**self._items).restore(
+            self.resumed_from)
+      self._restore_status.assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+      checkpoints_lib.hide_restore_warnings()
+      raise checkpoints_lib.CheckpointError(
+          f'{self.resumed_from} does not fit this model (trunk '
+          f'{self.config.trunk}, output stride {self.config.output_stride}, '
+          f'these task settings): {checkpoints_lib.first_line(e)}. Resume with '
+          f'the flags the run was started with, or use another model_dir.'
+      ) from None
+
+  def restore_or_initialize(self, resumed_from):
+    """After the model is built: restores it from `resumed_from` (what
+    create_model_and_state returned), or applies init_checkpoint."""
+    if resumed_from is not None:
+      self._assert_restored()
     elif self.config.init_checkpoint:
       self._initialize_from(self.config.init_checkpoint)
 
-  def make_steps(self, restore_status):
-    """One compiled TaskTrainStep per task."""
+  def make_steps(self, resumed_from):
+    """One compiled TaskTrainStep per task (restoring their optimizer slots
+    when `resumed_from`)."""
     self.steps = {n: step_lib.TaskTrainStep(self.model, n, self.optimizers[n],
                                             jit_compile=self.config.xla)
                   for n in self.names}
-    if restore_status is not None:
+    if resumed_from is not None:
       # Optimizer slots created just now were restored on creation.
-      restore_status.assert_existing_objects_matched()
+      self._assert_restored()
+      self._restore_status.expect_partial()
+      self._apply_learning_rates()
+
+  def _apply_learning_rates(self):
+    """The configured learning rates replace the restored ones (logged when
+    they differ)."""
+    for name in self.names:
+      optimizer = core.inner_optimizer(self.optimizers[name])
+      saved = optimizer.learning_rate.numpy()
+      wanted = self.config.tasks[name].learning_rate
+      if saved != saved.dtype.type(wanted):
+        optimizer.learning_rate.assign(wanted)
+        logging.warning('%s: learning rate %g (configured) replaces %g saved '
+                        'in %s.', name, wanted, saved, self.resumed_from)
 
   def _initialize_from(self, path):
-    slim_checkpoint.restore_trunk(self.model.trunk, path)
+    if not (tf.io.gfile.exists(path) or tf.io.gfile.exists(path + '.index')):
+      raise checkpoints_lib.CheckpointError(
+          f'init_checkpoint {path!r} does not exist (give a checkpoint prefix '
+          f'or a directory of checkpoints).')
     restored = ['backbone']
-    prefix = tf.train.latest_checkpoint(path) if tf.io.gfile.isdir(path) else path
-    keys = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
-    for name in self.names:
-      if any(k.startswith(f'heads/{name}/') for k in keys):
-        tf.train.Checkpoint(heads={name: self.model.heads[name]}).read(
-            prefix).expect_partial()
-        restored.append(f'heads/{name}')
-      else:
-        # A task may start its head from another task's (ti from rp's units).
-        done = self.tasks[name].initialize_head(self.model.heads[name], prefix)
-        if done:
-          restored.append(done)
+    try:
+      slim_checkpoint.restore_trunk(self.model.trunk, path)
+      prefix = (tf.train.latest_checkpoint(path) if tf.io.gfile.isdir(path)
+                else path)
+      keys = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+      for name in self.names:
+        if any(k.startswith(f'heads/{name}/') for k in keys):
+          tf.train.Checkpoint(heads={name: self.model.heads[name]}).read(
+              prefix).expect_partial()
+          restored.append(f'heads/{name}')
+        else:
+          # A task may start its head from another task's (ti from rp's units).
+          done = self.tasks[name].initialize_head(self.model.heads[name],
+                                                  prefix)
+          if done:
+            restored.append(done)
+    except (ValueError, tf.errors.OpError) as e:
+      checkpoints_lib.hide_restore_warnings()
+      raise checkpoints_lib.CheckpointError(
+          f'init_checkpoint {path!r}: {checkpoints_lib.first_line(e)}'
+      ) from None
     logging.info('Initialized %s from %s.', ', '.join(restored), path)
 
   def step_cost(self, name, time_sum: float, time_count: int) -> Optional[float]:
@@ -216,25 +292,61 @@ class Run:
       return None
     return time_sum / time_count / 3600.0
 
-  def save(self):
-    path = self.manager.save(
-        checkpoint_number=int(self.state.global_step.numpy()))
+  def save(self, bad_streak: bool = False):
+    """Writes checkpoint ckpt-<global step>; returns its prefix, or None when
+    it is skipped: during a streak of non-finite steps (`bad_streak`), when a
+    variable holds a non-finite value, or when this step is already saved."""
+    g = int(self.state.global_step.numpy())
+    if g == self.saved_at:
+      return self.manager.latest_checkpoint
+    if bad_streak:
+      logging.warning('Step %d: checkpoint skipped during a streak of '
+                      'non-finite steps; the latest is %s.', g,
+                      self.manager.latest_checkpoint)
+      return None
+    bad = checkpoints_lib.non_finite(self.checkpoint_variables())
+    if bad:
+      logging.warning('Step %d: checkpoint skipped: %d variable(s) hold '
+                      'non-finite values (%s); the latest is %s.', g, len(bad),
+                      bad[0], self.manager.latest_checkpoint)
+      return None
+    path = checkpoints_lib.save(self.manager, g)
+    self.saved_at = g
     logging.info('Saved checkpoint %s', path)
     return path
 
+  def checkpoint_variables(self):
+    """The model's and the optimizers' variables (what a checkpoint holds)."""
+    out = list(self.model.variables)
+    for optimizer in self.optimizers.values():
+      out.extend(optimizer.variables())
+    return out
+
   def maybe_snapshot(self, total_cost):
-    """Keeps a snapshot each time the total cost crosses a multiple of
-    snapshot_cost."""
+    """Keeps one snapshot when the total cost has crossed a multiple of
+    snapshot_cost since the last one (at most one per call)."""
     every = self.config.snapshot_cost
     if not every:
       return
     due = int(total_cost // every)
-    while int(self.state.snapshots.numpy()) < due:
-      self.state.snapshots.assign_add(1)
-      path = self.snapshot_manager.save(
-          checkpoint_number=int(self.state.snapshots.numpy()))
+    done = int(self.state.snapshots.numpy())
+    if due <= done:
+      return
+    bad = checkpoints_lib.non_finite(self.checkpoint_variables())
+    if bad:
+      logging.warning('Snapshot %d skipped: %d variable(s) hold non-finite '
+                      'values (%s).', due, len(bad), bad[0])
+      return
+    self.state.snapshots.assign(due)
+    path = checkpoints_lib.save(self.snapshot_manager, due)
+    if due - done > 1:
+      logging.warning('Cost %.4g device-hours crossed %d multiples of '
+                      'snapshot_cost %.4g at once (a step costs more than '
+                      'snapshot_cost): one snapshot %s.', total_cost,
+                      due - done, every, path)
+    else:
       logging.info('Cost %.4g device-hours crossed %d x %.4g: snapshot %s',
-                   total_cost, int(self.state.snapshots.numpy()), every, path)
+                   total_cost, due, every, path)
 
   def summary_writer(self):
     return tf.summary.create_file_writer(

@@ -19,6 +19,7 @@ from mtssl.data import prefetch
 from mtssl.training import monitoring
 from mtssl.data import problems
 from mtssl.data import service
+from mtssl.data import sources as sources_lib
 from mtssl.training import run as run_lib
 
 NonFiniteLossError = run_lib.NonFiniteLossError
@@ -65,6 +66,14 @@ class Trainer:
     """Validates data, builds the model, restores or initializes. Idempotent."""
     if self.run.model is not None:
       return self
+    try:
+      self._setup()
+    except BaseException:
+      self.close_inputs()  # Live input iterators can hang the exit.
+      raise
+    return self
+
+  def _setup(self):
     cfg, run = self.config, self.run
     run.prepare()
     self.config_changes = monitoring.save_config(cfg)
@@ -100,7 +109,6 @@ class Trainer:
       run.restore_or_initialize(restore_status)
       run.make_steps(restore_status)
     self.writer = run.summary_writer()
-    return self
 
   # Training ---------------------------------------------------------------
   def request_stop(self):
@@ -126,7 +134,11 @@ class Trainer:
     return cfg.max_cost is not None and total_cost >= cfg.max_cost
 
   def _take(self, name):
-    batch = next(self.iterators[name])
+    try:
+      batch = next(self.iterators[name])
+    except tf.errors.OpError as e:
+      sources_lib.raise_if_stalled(e, self.sources[name].counter)
+      raise
     problems.take_counts(batch[0], self.sources[name].counter)
     return batch
 
@@ -135,8 +147,8 @@ class Trainer:
       return self._pending.pop(name)
     return self._take(name)
 
-  def save(self):
-    return self.run.save()
+  def save(self, bad_streak=False):
+    return self.run.save(bad_streak)
 
   def train(self):
     """Runs until `steps` or `max_cost`; returns a summary dict."""
@@ -206,10 +218,13 @@ class Trainer:
                         '(%d in a row); step not applied.', name, g,
                         consecutive_bad[name])
         if consecutive_bad[name] >= cfg.max_nonfinite_steps:
+          latest = self.run.manager.latest_checkpoint
           raise NonFiniteLossError(
               f'{name}: {consecutive_bad[name]} consecutive non-finite steps '
-              f'(max_nonfinite_steps={cfg.max_nonfinite_steps}); stopping. The '
-              f'last good checkpoint is {self.run.manager.latest_checkpoint}.')
+              f'(max_nonfinite_steps={cfg.max_nonfinite_steps}); stopping. '
+              + (f'The latest checkpoint, {latest}, was written before the '
+                 f'streak and holds only finite values.' if latest else
+                 'No checkpoint was written.'))
       g += 1
       profiler.after_step(g)
       costs = self.costs()
@@ -226,12 +241,14 @@ class Trainer:
         for n in self.names:
           window[n].clear()
       if g % cfg.checkpoint_every == 0:
-        checkpoint_path = self.save()
+        checkpoint_path = self.save(any(consecutive_bad.values())
+                                    ) or checkpoint_path
         saved_at = g
     profiler.stop()
     g = int(self.state.global_step.numpy())
     if saved_at != g:
-      checkpoint_path = self.save()
+      checkpoint_path = self.save(any(consecutive_bad.values())
+                                  ) or checkpoint_path
     self.writer.flush()
     result = {
         'checkpoint': checkpoint_path,
