@@ -16,34 +16,36 @@ import time
 from absl import app
 from absl import flags
 
-_PORT = flags.DEFINE_integer('port', 5050, 'Dispatcher port.', lower_bound=0)
-_WORKERS = flags.DEFINE_integer('workers', 1, 'Workers to start here.',
-                                lower_bound=0)
-_DISPATCHER = flags.DEFINE_string(
-    'dispatcher', None, 'HOST:PORT of a running dispatcher: start only workers.')
-_HOST = flags.DEFINE_string('worker_host', 'localhost', 'Name under which '
-                            'clients reach this machine\'s workers.')
+from mtssl.configs import base as config_base
+from mtssl.configs import data_service as configs
 
-
-def main(argv) -> int:
-  del argv
+def main(argv, flag_values=flags.FLAGS) -> int:
+  if len(argv) > 1:
+    print(f'error: unexpected arguments {argv[1:]}', file=sys.stderr)
+    return 2
+  config = config_base.apply_flags(configs.DataServiceConfig(), flag_values)
+  try:
+    config.validate()
+  except config_base.ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from mtssl.data import service  # pylint: disable=g-import-not-at-top
   service_lib = tf.data.experimental.service
   dispatcher = None
-  where = (f'workers for dispatcher {_DISPATCHER.value}' if _DISPATCHER.value
-           else f'dispatcher on port {_PORT.value}')
+  where = (f'workers for dispatcher {config.dispatcher}' if config.dispatcher
+           else f'dispatcher on port {config.port}')
   try:
-    if _DISPATCHER.value:
-      host, port = service.parse_address(_DISPATCHER.value)
+    if config.dispatcher:
+      host, port = service.parse_address(config.dispatcher)
     else:
       dispatcher = service_lib.DispatchServer(
-          service_lib.DispatcherConfig(port=_PORT.value))
+          service_lib.DispatcherConfig(port=config.port))
       host, port = 'localhost', int(dispatcher.target.rsplit(':', 1)[1])
     workers = [service_lib.WorkerServer(service_lib.WorkerConfig(
         dispatcher_address=f'{host}:{port}',
-        worker_address=f'{_HOST.value}:%port%'))
-               for _ in range(_WORKERS.value)]
+        worker_address=f'{config.worker_host}:%port%'))
+               for _ in range(config.workers)]
   except (service.DataServiceError, tf.errors.OpError, RuntimeError) as e:
     print(f'error: cannot start the {where}: {str(e).splitlines()[0]} (is the '
           f'port in use?)', file=sys.stderr)
@@ -60,7 +62,8 @@ def main(argv) -> int:
 
 
 def run():
-  app.run(main)
+  config_base.define_flags(configs.DataServiceConfig)
+  app.run(main, flags_parser=config_base.parse_command_line)
 
 
 if __name__ == '__main__':
