@@ -281,7 +281,22 @@ def main(argv=None):
   parser.add_argument('--out', default='', help='JSON of the full census')
   parser.add_argument('--replay_tool', default='../shared/tools/xla-replay',
                       help='folder of the xla-replay prepare.py')
+  parser.add_argument('--files', nargs='*', default=None,
+                      help='census these HLO text files instead of building '
+                      'steps (e.g. an XLA_FLAGS=--xla_dump_to dump, any '
+                      'backend)')
   args = parser.parse_args(argv)
+  if args.files is not None:
+    rows = []
+    for path in args.files:
+      try:
+        with open(path) as f:
+          c = census(f.read())
+      except (OSError, ValueError) as e:
+        raise SystemExit(f'{path}: {e}') from None
+      rows.append((os.path.basename(path), summary_row(c)))
+    print(table(rows))
+    return 0
   if args.emit_xla and not os.path.isfile(
       os.path.join(args.replay_tool, 'prepare.py')):
     raise SystemExit(f'--replay_tool: no prepare.py in {args.replay_tool}')
@@ -314,9 +329,14 @@ def main(argv=None):
     if args.emit_xla:
       sys.path.insert(0, args.replay_tool)
       import prepare  # pylint: disable=g-import-not-at-top
+      from mtssl import benchmark  # pylint: disable=g-import-not-at-top
+      macs = benchmark.forward_macs(step.model, name, features)
+      # Training FLOPs: 6 x forward MACs (the step benchmark's convention).
       prepare.emit(step._step, (features, labels), args.emit_xla,  # pylint: disable=protected-access
                    f'{label.replace(" ", "_")}_{args.precision}_b{examples}',
-                   meta={'examples_per_step': examples})
+                   meta={'examples_per_step': examples,
+                         'train_flops_per_example':
+                             6e9 * macs['forward_gmacs']})
   meta = {'tensorflow': tf.__version__, 'preset': args.preset,
           'precision': args.precision, 'options': guard_options(args)}
   for stage in stages:

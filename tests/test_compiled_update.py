@@ -136,8 +136,10 @@ class AllFiniteTest(tf.test.TestCase):
         flat = tf.tensor_scatter_nd_update(flat, [[flat.shape[0] - 1]], [bad])
         broken[index] = tf.reshape(flat, tensors[index].shape)
         self.assertFalse(bool(core.all_finite(broken)), msg=(bad, index))
+    mixed = [tf.constant([1.0, 2.0], tf.bfloat16), tf.constant([1e300], tf.float64)]
+    self.assertTrue(bool(core.all_finite(mixed)))  # Not cast to float32.
     self.assertFalse(bool(core.all_finite(
-        [tf.constant([1.0, np.nan], tf.bfloat16)])))
+        mixed + [tf.constant([1.0, np.nan], tf.bfloat16)])))
 
 
 if __name__ == '__main__':

@@ -99,12 +99,16 @@ GUARDS = ('cond', 'select')
 
 
 def all_finite(tensors) -> tf.Tensor:
-  """True iff every element of every tensor is finite: one reduction over
-  the tensors' elements concatenated (floating tensors only)."""
-  flat = [tf.reshape(tf.cast(t, tf.float32), [-1]) for t in tensors]
-  if not flat:
-    return tf.constant(True)
-  return tf.reduce_all(tf.math.is_finite(tf.concat(flat, 0)))
+  """True iff every element of every (floating) tensor is finite: one
+  reduction over the elements of all tensors of a dtype, concatenated."""
+  groups = {}
+  for t in tensors:
+    groups.setdefault(t.dtype, []).append(tf.reshape(t, [-1]))
+  finite = tf.constant(True)
+  for flat in groups.values():
+    finite = tf.logical_and(
+        finite, tf.reduce_all(tf.math.is_finite(tf.concat(flat, 0))))
+  return finite
 
 
 class _DeferredMovingStatistics:
