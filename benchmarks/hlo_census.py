@@ -152,6 +152,7 @@ def census(text):
   by_part = collections.defaultdict(collections.Counter)
   in_branches = collections.Counter()
   by_role = collections.Counter()
+  by_role_kind = collections.defaultdict(collections.Counter)
   for name in hosts:
     for opcode, attrs in computations[name]:
       if opcode in FREE:
@@ -169,6 +170,7 @@ def census(text):
       if name != entry:
         in_branches[part] += 1
       by_role[hosts[name]] += 1
+      by_role_kind[hosts[name]][k] += 1
   return {'computations': len(computations),
           'executed_computations': len(hosts),
           'kernels': sum(by_kind.values()),
@@ -176,6 +178,8 @@ def census(text):
           'by_part': {p: dict(c.most_common()) for p, c in sorted(by_part.items())},
           'in_branches': dict(in_branches.most_common()),
           'by_role': dict(sorted(by_role.items())),
+          'by_role_kind': {r: dict(c.most_common())
+                           for r, c in sorted(by_role_kind.items())},
           # What an applied step runs: all but the skip branch of the
           # top-level conditional (a branch-free step has none).
           'applied_path': sum(v for r, v in by_role.items()

@@ -28,10 +28,9 @@ import hlo_census  # pylint: disable=g-import-not-at-top,wrong-import-position
 TINY = [resnet_v2.Block('block1', 4, 1, 2), resnet_v2.Block('block2', 8, 2, 2)]
 ORIGINAL = {'finite_check': 'per_gradient', 'moving_statistics': 'snapshot',
             'guard': 'cond'}
-# TaskTrainStep's defaults.
-DEFAULT = {'finite_check': 'fused', 'moving_statistics': 'deferred',
-           'guard': 'cond'}
-SELECT = dict(DEFAULT, guard='select')
+DEFAULT = {}  # TaskTrainStep's: fused check, snapshot, conditional.
+DEFERRED = {'moving_statistics': 'deferred'}
+SELECT = {'moving_statistics': 'deferred', 'guard': 'select'}
 STEPS = 3
 NAN_STEP = 1  # The second step sees positions 4, 5: NaN images.
 
@@ -66,6 +65,7 @@ class VariantsTest(tf.test.TestCase):
                                            (True, 'original', ORIGINAL),
                                            (False, 'default', DEFAULT),
                                            (True, 'default', DEFAULT),
+                                           (False, 'deferred', DEFERRED),
                                            (True, 'select', SELECT))}
 
   def _compare(self, got, want):
@@ -77,12 +77,17 @@ class VariantsTest(tf.test.TestCase):
     for name, value in want[2].items():
       self.assertAllEqual(got[2][name], value, msg=name)
 
-  def test_fused_check_and_deferred_statistics_are_bit_exact(self):
+  def test_fused_check_is_bit_exact(self):
     for jit in (False, True):
       with self.subTest(jit=jit):
+        self.assertEqual(self.runs[jit, 'default'][3].update.finite_check,
+                         'fused')
         self._compare(self.runs[jit, 'default'], self.runs[jit, 'original'])
 
-  def test_select_guard_is_bit_exact_under_xla(self):
+  def test_deferred_statistics_are_bit_exact(self):
+    self._compare(self.runs[False, 'deferred'], self.runs[False, 'original'])
+
+  def test_select_guard_and_deferred_statistics_are_bit_exact_under_xla(self):
     self._compare(self.runs[True, 'select'], self.runs[True, 'original'])
 
   def test_select_guard_needs_plain_tf1_rmsprop(self):
@@ -94,7 +99,7 @@ class VariantsTest(tf.test.TestCase):
       core.GuardedUpdate(optimizers.TF1RMSProp(0.1), [var], guard='maybe')
 
   def test_deferred_needs_the_layers_that_own_the_statistics(self):
-    update = self.runs[False, 'default'][3].update
+    update = self.runs[False, 'deferred'][3].update
     layers = update.batch_norm_layers
     self.assertLen(layers, len(update.moving) // 2)
     with self.assertRaisesRegex(ValueError, 'must own exactly'):

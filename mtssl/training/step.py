@@ -19,7 +19,7 @@ class TaskTrainStep:
 
   def __init__(self, model: multitask.MultiTaskModel, name: str, optimizer,
                jit_compile: bool = False, finite_check: str = 'fused',
-               moving_statistics: str = 'deferred', guard: str = 'cond'):
+               moving_statistics: str = 'snapshot', guard: str = 'cond'):
     """`finite_check`, `moving_statistics`, `guard`: core.GuardedUpdate's
     variants (the step's own update; `compute_gradients` snapshots)."""
     self.model = model
