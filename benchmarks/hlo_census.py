@@ -15,6 +15,7 @@ Usage (from the repository root):
 
   PYTHONPATH=$PWD python benchmarks/hlo_census.py --preset paper \\
       --tasks rp,ex,ms,col --precision bf16 --out /tmp/census.json
+  python benchmarks/hlo_census.py --files DUMP/*after_optimizations.txt
 
 `--finite_check`, `--moving_statistics` and `--guard` pick the guarded
 update's variants (mtssl/training/core.py) so the census compares them;
@@ -67,12 +68,12 @@ CATEGORIES = (
 
 
 def parse(text):
-  """{computation: [(opcode, attrs text)]}, entry name, fused computations."""
+  """({computation: [(opcode, rest of the line)]}, entry computation name)."""
   computations, entry, current = {}, None, None
   for line in text.splitlines():
     if current is None:
       m = _COMPUTATION.match(line)
-      if m and '->' in line or (m and line.startswith('ENTRY')):
+      if m and ('->' in line or line.startswith('ENTRY')):
         current = m.group(2)
         computations[current] = []
         if m.group(1):
@@ -133,9 +134,7 @@ def kind(opcode, attrs):
   custom-call:<target>, copy, conditional, while, or the opcode."""
   if opcode == 'fusion':
     m = _FUSION_KIND.search(attrs)
-    label = f'fusion:{m.group(1) if m else "?"}'
-    # A fusion whose root is a convolution is a convolution kernel.
-    return label
+    return f'fusion:{m.group(1) if m else "?"}'
   if opcode == 'custom-call':
     m = _TARGET.search(attrs)
     return f'custom-call:{m.group(1) if m else "?"}'
@@ -215,7 +214,6 @@ def table(rows):
 
 def build(args):
   """{task: (step, features, labels, examples)} at the preset's size."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from mtssl import benchmark  # pylint: disable=g-import-not-at-top
   from mtssl.training import core  # pylint: disable=g-import-not-at-top
   from mtssl.training import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -249,7 +247,6 @@ def build(args):
       features, labels = batches[n]
       examples = int(task_objects[n].examples_in(features))
       out[n] = (step, features, labels, examples)
-  del tf
   return out
 
 
