@@ -57,4 +57,15 @@ class TF1RMSProp(legacy_optimizers.RMSprop):
     return config
 
 
+def rmsprop_update(var, ms, mom, grad, lr, rho, momentum, epsilon):
+  """(new ms, new mom, new var) of one TF1 RMSProp step, as element-wise math.
+
+  The operations and their order are those XLA lowers ResourceApplyRMSProp
+  to, so under XLA the result is the kernel's bit for bit.
+  """
+  new_ms = tf.square(grad) * (1.0 - rho) + ms * rho
+  new_mom = mom * momentum + (grad * lr) * tf.math.rsqrt(new_ms + epsilon)
+  return new_ms, new_mom, var - new_mom
+
+
 tf_keras.utils.get_custom_objects()['TF1RMSProp'] = TF1RMSProp

@@ -18,7 +18,10 @@ class TaskTrainStep:
   """Compiled train step for task `name`; call with (features, labels)."""
 
   def __init__(self, model: multitask.MultiTaskModel, name: str, optimizer,
-               jit_compile: bool = False):
+               jit_compile: bool = False, finite_check: str = 'fused',
+               moving_statistics: str = 'snapshot', guard: str = 'cond'):
+    """`finite_check`, `moving_statistics`, `guard`: core.GuardedUpdate's
+    variants (the step's own update; `compute_gradients` snapshots)."""
     self.model = model
     self.name = name
     self.task = model.tasks[name]
@@ -28,17 +31,23 @@ class TaskTrainStep:
                        f'(MultiTaskModel.build_all).')
     self.update = core.GuardedUpdate(
         optimizer, model.task_variables(name),
-        core.moving_statistics(model.trunk, model.heads[name]))
+        core.moving_statistics(model.trunk, model.heads[name]),
+        batch_norm_layers=core.batch_norms(model.trunk, model.heads[name]),
+        finite_check=finite_check, moving_statistics=moving_statistics,
+        guard=guard)
     self.variables = self.update.variables
     self.metrics = self.task.build_metrics()
     self._step = tf.function(self._train_step, jit_compile=jit_compile,
                              reduce_retracing=True)
 
-  def compute_gradients(self, features, labels):
+  def compute_gradients(self, features, labels,
+                        moving_statistics: str = 'snapshot'):
     """Forward pass, loss and gradients, without applying them (traceable).
 
     Returns a dict with 'loss', 'regularization', 'total', 'outputs' and
-    `core.GuardedUpdate.gradients`'s 'grads', 'finite', 'saved_moving'.
+    `core.GuardedUpdate.gradients`'s 'grads', 'finite', and 'saved_moving'
+    (the moving statistics are updated; `restore_moving_statistics` puts them
+    back) or, with moving_statistics='deferred', 'moving_updates'.
     """
 
     def loss_fn():
@@ -48,7 +57,7 @@ class TaskTrainStep:
       return {'loss': loss, 'regularization': regularization,
               'total': loss + regularization, 'outputs': outputs}
 
-    result = self.update.gradients(loss_fn)
+    result = self.update.gradients(loss_fn, moving_statistics)
     result.update(result.pop('losses'))
     return result
 
@@ -56,7 +65,8 @@ class TaskTrainStep:
     self.update.restore_moving_statistics(saved)
 
   def _train_step(self, features, labels):
-    result = self.compute_gradients(features, labels)
+    result = self.compute_gradients(features, labels,
+                                    self.update.moving_statistics)
     outputs = result['outputs']
     applied = self.update.apply(
         result, lambda: self.task.update_metrics(self.metrics, labels, outputs))
