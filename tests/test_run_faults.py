@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from unittest import mock
 
 import numpy as np
 import tensorflow as tf
@@ -93,11 +94,20 @@ class BadValuesTest(tf.test.TestCase):
 
   def test_final_checkpoint_is_saved_once(self):
     model_dir = self.get_temp_dir()
-    with self.assertLogs(level='INFO') as logs:
+    original = run_lib.Run.save
+    saved = []
+
+    def save(run, *args, **kwargs):
+      path = original(run, *args, **kwargs)
+      if path:
+        saved.append(path)
+      return path
+
+    with mock.patch.object(run_lib.Run, 'save', save):
       trainer_lib.Trainer(make_config(model_dir, steps=4,
                                       checkpoint_every=2)).train()
-    saved = [l for l in logs.output if 'Saved checkpoint' in l]
     self.assertLen(saved, 2, saved)
+    self.assertEqual([os.path.basename(p) for p in saved], ['ckpt-2', 'ckpt-4'])
 
 
 class SetupErrorsTest(tf.test.TestCase):
