@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtssl.utils import io_utils
+from mtssl.data import image_records
 from mtssl.data import sources
 
 SHARD_PATTERN = 'shard-{:05d}.tfrecord'
@@ -95,20 +96,11 @@ def index_records(files: Sequence[str]) -> RecordIndex:
   """Offsets of every complete record in TFRecord files (headers only)."""
   file_ids, offsets, truncated = [], [], {}
   for fid, path in enumerate(files):
-    size = os.path.getsize(path)
-    with open(path, 'rb') as f:
-      offset = 0
-      while offset + 12 <= size:
-        f.seek(offset)
-        (length,) = struct.unpack('<Q', f.read(8))
-        end = offset + 12 + length + 4
-        if end > size:
-          break
-        file_ids.append(fid)
-        offsets.append(offset)
-        offset = end
-      if offset != size:
-        truncated[path] = size - offset
+    found, trailing = image_records.scan_offsets(path)
+    file_ids += [fid] * len(found)
+    offsets += found.tolist()
+    if trailing:
+      truncated[path] = trailing
   return RecordIndex(list(files), np.asarray(file_ids, np.int32),
                      np.asarray(offsets, np.int64), truncated)
 
