@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -207,11 +208,12 @@ class TemplateScriptTest(tf.test.TestCase):
     calls = os.path.join(tmp, 'srun_calls')
     srun = os.path.join(tmp, 'srun')
     # Records each call (one argument a line, then the thread settings).
+    quoted = shlex.quote(calls)  # temporary paths may hold shell characters
     with open(srun, 'w') as f:
       f.write('#!/bin/bash\n'
-              f'printf "%s\\n" "$@" >> {calls}\n'
-              f'echo "threads $TF_NUM_INTRAOP_THREADS $OMP_NUM_THREADS" >> {calls}\n'
-              f'echo ---- >> {calls}\n'
+              f'printf "%s\\n" "$@" >> {quoted}\n'
+              f'echo "threads $TF_NUM_INTRAOP_THREADS $OMP_NUM_THREADS" >> {quoted}\n'
+              f'echo ---- >> {quoted}\n'
               f'exit {srun_status}\n')
     os.chmod(srun, 0o755)
     clean = {k: v for k, v in os.environ.items()
