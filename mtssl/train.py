@@ -153,11 +153,6 @@ def main(argv):
   try:
     config = config_from_flags()
     resolver, plan = _cluster_from_flags(config)
-    if resolver is not None and (config.data_service or any(
-        r.data_service for r in config.tasks.values())):
-      raise configs.ConfigError(
-          'data_service: the parameter-server cluster reads its input on its '
-          'workers; --data_service serves the single-machine trainer only.')
     if resolver is not None and resolver.task_type != cluster_plan.JOB_CHIEF:
       from mtssl.training.cluster import worker  # pylint: disable=g-import-not-at-top
       worker.run_server(resolver, config, plan,

@@ -2,6 +2,7 @@
 rp and col from tfrecord shards to a short training run; bad setups fail by
 name, quickly."""
 
+import json
 import os
 import socket
 import subprocess
@@ -148,6 +149,61 @@ class DataServiceTest(tf.test.TestCase):
                       data_service='localhost')
     with self.assertRaisesRegex(configs.ConfigError, 'data_service='):
       cfg.validate()
+
+
+class ClusterTest(tf.test.TestCase):
+  """tools/launch_local_cluster.py with --data_service_workers: a parameter
+  server, rp's group of two workers and a coordinator, fed by a dispatcher
+  and one service worker, all real processes."""
+
+  def test_rp_group_shares_its_task_job(self):
+    tmp = self.get_temp_dir()
+    root = os.path.join(tmp, 'images')
+    test_sources.write_folder(root)
+    shards = os.path.join(tmp, 'shards')
+    image_records.make_shards(root, shards, records_per_shard=2,
+                              log=lambda _: None)
+    model_dir = os.path.join(tmp, 'run')
+    rp_config = task_runs('')['rp'].config
+    rounds, batch = 3, rp_config.batch_size
+    task_flags = [f'--rp_{k}={",".join(map(str, v)) if isinstance(v, tuple) else v}'
+                  for k, v in (('batch_size', batch),
+                               ('patch_size', rp_config.patch_size),
+                               ('gap', rp_config.gap), ('jitter', rp_config.jitter),
+                               ('min_pixels', rp_config.min_pixels),
+                               ('max_pixels', rp_config.max_pixels),
+                               ('unit_depths', rp_config.unit_depths),
+                               ('unit_bottleneck', rp_config.unit_bottleneck),
+                               ('fc_bottleneck', rp_config.fc_bottleneck))]
+    logs = os.path.join(tmp, 'logs')
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'tools', 'launch_local_cluster.py'),
+         '--num_ps=1', '--data_service_workers=1', f'--cluster_log_dir={logs}',
+         '--max_restarts=0', '--timeout=400', '--',
+         '--tasks=rp', '--task_workers=rp:2', f'--task_steps=rp:{rounds}',
+         '--trunk=resnet_v2_tiny', f'--rp_data=tfrecord:{shards}',
+         f'--model_dir={model_dir}', '--log_every=1', *task_flags],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2'),
+        capture_output=True, text=True, timeout=500, check=False)
+
+    def log(name):
+      with open(os.path.join(logs, name)) as f:
+        return f.read()[-3000:]
+
+    self.assertEqual(proc.returncode, 0, msg=proc.stderr[-3000:] + log(
+        'chief-0.log'))
+    self.assertIn('data service: dispatcher', log('data_service-0.log'))
+    with open(os.path.join(model_dir, 'distributed_result.json')) as f:
+      result = json.load(f)
+    self.assertEqual(result['task_steps'], {'rp': rounds})
+    self.assertEqual(result['worker_steps'], {'rp': 2 * rounds})
+    # Every batch went to one consumer of the task's job: the two ranks'
+    # last batches differ, and 2 * rounds disjoint batches reach a position
+    # of at least 2 * rounds * batch (each rank reading its own stream would
+    # give both ranks rounds * batch).
+    positions = result['positions']['rp']
+    self.assertNotEqual(positions[0], positions[1])
+    self.assertGreaterEqual(max(positions), 2 * rounds * batch)
 
 
 class WaitingNoticeTest(tf.test.TestCase):

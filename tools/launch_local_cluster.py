@@ -11,7 +11,9 @@ Ctrl-C or an error).
       --steps=200 --model_dir=/tmp/mtssl_cluster_run
 
 The number of workers is the sum of --task_workers unless --num_workers says
-otherwise. Like a cluster manager, the launcher restarts a parameter server
+otherwise. With --data_service_workers=N a tf.data service (a dispatcher and N
+workers) starts too and every task's pipeline runs on it (the training flags
+gain --data_service; the tasks must read tfrecord: shards). Like a cluster manager, the launcher restarts a parameter server
 or worker that dies, and restarts the coordinator when it stops because a
 parameter server was lost (exit status 4), up to --max_restarts times; it
 resumes from the last checkpoint. Logs: <cluster_log_dir>/<job>-<index>.log.
@@ -39,6 +41,9 @@ _LOG_DIR = flags.DEFINE_string('cluster_log_dir', 'cluster_logs',
 _MAX_RESTARTS = flags.DEFINE_integer(
     'max_restarts', 3, 'restarts of dead servers and of the coordinator after '
     'a lost parameter server', lower_bound=0)
+_DATA_SERVICE_WORKERS = flags.DEFINE_integer(
+    'data_service_workers', 0, 'tf.data service workers that run the input '
+    'pipelines (0: the cluster workers run them)', lower_bound=0)
 _TIMEOUT = flags.DEFINE_float('timeout', 0, 'end everything after this many '
                               'seconds (0: no limit)', lower_bound=0)
 
@@ -69,11 +74,14 @@ def main(argv):
                          'training flags.')
   cluster = local_cluster.LocalCluster(
       ['-m', _MODULE.value] + train_args, num_ps=_NUM_PS.value,
-      num_workers=num_workers, log_dir=_LOG_DIR.value)
+      num_workers=num_workers, log_dir=_LOG_DIR.value,
+      data_service_workers=_DATA_SERVICE_WORKERS.value)
   restarts = 0
   deadline = time.time() + _TIMEOUT.value if _TIMEOUT.value else None
   with cluster:
-    logging.info('Cluster %s; logs in %s', cluster.addresses, _LOG_DIR.value)
+    logging.info('Cluster %s%s; logs in %s', cluster.addresses,
+                 f', data service {cluster.data_service}'
+                 if cluster.data_service else '', _LOG_DIR.value)
     cluster.start_servers()
     cluster.start_coordinator()
     while True:

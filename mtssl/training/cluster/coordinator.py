@@ -15,6 +15,7 @@ from absl import logging
 from tensorflow.python.data.experimental.ops import testing as tf_data_testing  # pylint: disable=g-direct-tensorflow-import
 
 from mtssl.configs import training as configs
+from mtssl.data import service
 from mtssl.training import monitoring
 from mtssl.training import run as run_lib
 from mtssl.training.cluster import plan as plan_lib
@@ -91,6 +92,11 @@ class DistributedTrainer:
       return self
     run = self.run
     run.prepare()
+    for name in self.names:
+      address = cluster_worker.service_address(self.config, name)
+      if address:
+        service.check_servable(name, run.sources[name])
+        service.check_reachable(address)
     self.config_changes = monitoring.save_config(self.config)
     logging.info('Connecting to the cluster: %s', cluster_dict(self.resolver))
     self.strategy = tf.distribute.ParameterServerStrategy(self.resolver)
@@ -142,12 +148,22 @@ class DistributedTrainer:
     self._ticks = iter(self.coordinator.create_per_worker_dataset(tick_fn))
 
   def _dataset_fn(self, name, ranks, positions):
-    """Task `name`'s stream on the worker running this; empty off its group."""
+    """Task `name`'s stream on the worker running this; empty off its group.
+
+    Without a data service every rank reads its own stream; with one, the
+    group shares the task's served stream, which resumes at the furthest
+    position any rank reached.
+    """
     worker = tf.distribute.coordinator.experimental_get_current_worker_index()
     rank = tf.gather(ranks, worker)
-    pipelines = [cluster_worker.rank_pipeline(
-        self.config, self.run.tasks[name], self.run.sources[name], name, r,
-        start) for r, start in enumerate(positions)]
+    task, source = self.run.tasks[name], self.run.sources[name]
+    if cluster_worker.service_address(self.config, name):
+      pipelines = [cluster_worker.served_pipeline(
+          self.config, task, source, name, max(positions))]
+    else:
+      pipelines = [cluster_worker.rank_pipeline(
+          self.config, task, source, name, r, start)
+                   for r, start in enumerate(positions)]
     if len(pipelines) == 1:
       ds = pipelines[0]
     else:

@@ -2,7 +2,10 @@
 
 Parameter servers, workers and the coordinator run on free localhost ports,
 each with its own TF_CONFIG and process group; `stop()` (also on leaving the
-`with` block) ends them all. tools/launch_local_cluster.py is the front end.
+`with` block) ends them all. With `data_service_workers=N` a tf.data service
+(`python -m mtssl.data_service`: a dispatcher and N workers, one process)
+starts with the servers and every process gets `--data_service=` its
+address. tools/launch_local_cluster.py is the front end.
 
 Typical use:
 
@@ -24,6 +27,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 CHIEF, PS, WORKER = 'chief', 'ps', 'worker'
+DATA_SERVICE = 'data_service'  # not a cluster job: no TF_CONFIG entry
 RECONNECT_OPTIONS = 'grpc.max_reconnect_backoff_ms=1000'
 
 
@@ -65,25 +69,34 @@ class LocalCluster:
       across restarts).
     env: extra environment variables for every process.
     cwd: working directory of the processes (default: the current one).
+    data_service_workers: when > 0, a tf.data service with this many workers
+      runs the input pipelines (job DATA_SERVICE, index 0).
   """
 
   def __init__(self, args: Sequence[str], num_ps: int = 1,
                num_workers: int = 2, log_dir: str = 'cluster_logs',
                env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None,
-               host: str = 'localhost'):
+               host: str = 'localhost', data_service_workers: int = 0):
     if num_ps < 1 or num_workers < 1:
       raise ValueError('A cluster needs at least one ps and one worker.')
+    if data_service_workers < 0:
+      raise ValueError('data_service_workers must be >= 0.')
     self.args = list(args)
     self.host = host
     self.log_dir = log_dir
     self.env = dict(env or {})
     self.cwd = cwd
-    ports = free_ports(1 + num_ps + num_workers, host)
+    ports = free_ports(2 + num_ps + num_workers, host)
     self.addresses = {
         CHIEF: [f'{host}:{ports[0]}'],
         PS: [f'{host}:{p}' for p in ports[1:1 + num_ps]],
-        WORKER: [f'{host}:{p}' for p in ports[1 + num_ps:]],
+        WORKER: [f'{host}:{p}' for p in ports[1 + num_ps:-1]],
     }
+    self.data_service_workers = data_service_workers
+    self.data_service = None  # the dispatcher's HOST:PORT
+    if data_service_workers:
+      self.data_service = f'{host}:{ports[-1]}'
+      self.args.append(f'--data_service=grpc://{self.data_service}')
     self.processes: Dict[tuple, subprocess.Popen] = {}
     self._logs = {}
     os.makedirs(log_dir, exist_ok=True)
@@ -92,6 +105,11 @@ class LocalCluster:
   def tf_config(self, job: str, index: int) -> str:
     return json.dumps({'cluster': self.addresses,
                        'task': {'type': job, 'index': index}})
+
+  def address(self, job: str, index: int = 0) -> str:
+    if job == DATA_SERVICE:
+      return self.data_service
+    return self.addresses[job][index]
 
   def log_path(self, job: str, index: int = 0) -> str:
     return os.path.join(self.log_dir, f'{job}-{index}.log')
@@ -104,7 +122,13 @@ class LocalCluster:
       raise ClusterProcessError(f'{job} {index} is already running.')
     env = dict(os.environ)
     env.update(self.env)
-    env['TF_CONFIG'] = self.tf_config(job, index)
+    if job == DATA_SERVICE:
+      port = self.data_service.rsplit(':', 1)[1]
+      argv = ['-m', 'mtssl.data_service', f'--port={port}',
+              f'--workers={self.data_service_workers}']
+    else:
+      env['TF_CONFIG'] = self.tf_config(job, index)
+      argv = self.args + list(extra_args)
     env.setdefault('PYTHONUNBUFFERED', '1')
     # gRPC backs off exponentially (to 2 minutes) while a peer is down; a
     # restarted local server is then found late. Retry every second at most.
@@ -116,7 +140,7 @@ class LocalCluster:
       self._logs[key].close()
     self._logs[key] = log
     process = subprocess.Popen(  # pylint: disable=consider-using-with
-        [sys.executable] + self.args + list(extra_args), env=env, cwd=self.cwd,
+        [sys.executable] + argv, env=env, cwd=self.cwd,
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True)
     self.processes[key] = process
@@ -124,7 +148,7 @@ class LocalCluster:
 
   def wait_ready(self, job: str, index: int = 0, timeout: float = 120.0):
     """Waits until a server accepts connections; raises if it dies first."""
-    host, port = self.addresses[job][index].rsplit(':', 1)
+    host, port = self.address(job, index).rsplit(':', 1)
     deadline = time.time() + timeout
     process = self.processes[(job, index)]
     while time.time() < deadline:
@@ -137,17 +161,20 @@ class LocalCluster:
         return
       time.sleep(0.2)
     raise ClusterProcessError(
-        f'{job} {index} does not serve at {self.addresses[job][index]} after '
+        f'{job} {index} does not serve at {self.address(job, index)} after '
         f'{timeout:.0f} s. Its log ends with:\n{self.log_tail(job, index)}')
 
   def start_servers(self, timeout: float = 120.0):
-    """Starts every parameter server and worker and waits until they serve."""
-    for job in (PS, WORKER):
-      for index in range(len(self.addresses[job])):
-        self.start(job, index)
-    for job in (PS, WORKER):
-      for index in range(len(self.addresses[job])):
-        self.wait_ready(job, index, timeout)
+    """Starts every parameter server and worker (and the data service) and
+    waits until they serve."""
+    servers = [(job, index) for job in (PS, WORKER)
+               for index in range(len(self.addresses[job]))]
+    if self.data_service:
+      servers.insert(0, (DATA_SERVICE, 0))
+    for job, index in servers:
+      self.start(job, index)
+    for job, index in servers:
+      self.wait_ready(job, index, timeout)
 
   def start_coordinator(self, extra_args: Sequence[str] = ()):
     return self.start(CHIEF, 0, extra_args)

@@ -7,6 +7,7 @@ import itertools
 import os
 import threading
 import time
+from typing import Optional
 
 import tensorflow as tf
 from absl import logging
@@ -19,6 +20,7 @@ from tensorflow.python.ops import script_ops  # pylint: disable=g-direct-tensorf
 
 from mtssl.configs import training as configs
 from mtssl.data import problems as problems_lib
+from mtssl.data import service
 from mtssl.training import run as run_lib
 from mtssl.training.cluster import plan as plan_lib
 from mtssl.training.cluster.plan import (JOB_WORKER, PY_FUNCTION_PREFIX,
@@ -60,13 +62,22 @@ def rank_seed(seed: int, name: str, rank: int) -> int:
   return (base ^ ((rank * 0x9E3779B1) & 0x7FFFFFFF)) & 0x7FFFFFFF
 
 
-def input_prefix(config: configs.TrainConfig, name: str, rank: int) -> str:
-  """Name prefix of the Python functions of one rank's input pipeline."""
+def input_prefix(config: configs.TrainConfig, name: str,
+                 rank: Optional[int]) -> str:
+  """Name prefix of the Python functions of one rank's input pipeline (rank
+  None: the task's served stream, shared by its group)."""
   run = config.tasks[name]
-  key = repr((name, rank, rank_seed(config.seed, name, rank), run.data,
-              run.config, config.tfds_data_dir))
+  seed = run_lib.task_seed(config.seed, name) if rank is None else rank_seed(
+      config.seed, name, rank)
+  key = repr((name, rank, seed, run.data, run.config, config.tfds_data_dir,
+              service_address(config, name)))
   digest = hashlib.sha1(key.encode('utf-8')).hexdigest()[:12]
-  return f'{PY_FUNCTION_PREFIX}/{name}/{rank}/{digest}'
+  return f'{PY_FUNCTION_PREFIX}/{name}/{"served" if rank is None else rank}/{digest}'
+
+
+def service_address(config: configs.TrainConfig, name: str) -> Optional[str]:
+  """The tf.data service that runs task `name`'s pipeline, or None."""
+  return config.tasks[name].data_service or config.data_service
 
 
 def rank_pipeline(config, task, source, name, rank, start):
@@ -75,6 +86,24 @@ def rank_pipeline(config, task, source, name, rank, start):
     return problems_lib.count_in_process(task.make_dataset(
         source, config.tasks[name].config.batch_size,
         seed=rank_seed(config.seed, name, rank), start=start), source.counter)
+
+
+def served_pipeline(config, task, source, name, start):
+  """Task `name`'s stream from position `start`, run by the tf.data service.
+
+  One job per task (named after the task, its seed and `start`): every
+  worker of the task's group is a consumer of that job and receives batches
+  no other consumer receives; the problem counts of the batches a worker
+  takes go to that worker's counter.
+  """
+  seed = run_lib.task_seed(config.seed, name)
+  with worker_local_python_functions(input_prefix(config, name, None)):
+    ds = task.make_dataset(source, config.tasks[name].config.batch_size,
+                           seed=seed, start=start)
+    ds = service.distribute(ds, service_address(config, name),
+                            service.job_name(name, seed, start),
+                            config.data_service_mode)
+    return problems_lib.count_in_process(ds, source.counter)
 
 
 def register_worker_inputs(config, name, rank):
@@ -89,6 +118,8 @@ def register_worker_inputs(config, name, rank):
   source = run_lib.make_sources(config, {name: task})[name]
 
   def build():
+    if service_address(config, name):
+      return served_pipeline(config, task, source, name, start=0)
     return rank_pipeline(config, task, source, name, rank, start=0)
 
   # Traced like the coordinator's dataset function, so that the same
@@ -122,7 +153,8 @@ def run_server(resolver, config: configs.TrainConfig, plan: plan_lib.ClusterPlan
     keep_alive = register_worker_inputs(config, name, rank)
     source = keep_alive[1]
     logging.info('Worker %d: task %s, rank %d (%s).', index, name, rank,
-                 input_prefix(config, name, rank))
+                 input_prefix(config, name, None if service_address(
+                     config, name) else rank))
   server = tf.distribute.Server(
       tf.train.ClusterSpec(cluster), job_name=job, task_index=index,
       protocol=resolver.rpc_layer or 'grpc', start=True)
