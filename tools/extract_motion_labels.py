@@ -26,7 +26,6 @@ import sys
 from absl import app
 from absl import flags
 
-from mtssl.data import motion_extraction as extraction
 from mtssl.motion import labels
 from mtssl.motion import videos
 
@@ -78,6 +77,10 @@ def _printer():
 
 
 def main(argv):
+  # Imported here, not at the top: worker processes start by importing this
+  # script, and the extraction library brings TensorFlow, which they do not
+  # need.
+  from mtssl.data import motion_extraction as extraction  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:

@@ -65,29 +65,15 @@ class Progress:
             f'{eta}')
 
 
-# Worker side -------------------------------------------------------------------
-
-_WORKER = {}
-
-
-def _init_worker(options: videos_lib.ExtractOptions):
-  import cv2  # pylint: disable=g-import-not-at-top
-  from mtssl.motion import labels as labels_lib  # pylint: disable=g-import-not-at-top
-  cv2.setNumThreads(1)  # one process per core already
-  _WORKER['options'] = options
-  _WORKER['labeler'] = labels_lib.MotionLabeler(options.label)
-
-
-def _work(task: Tuple[str, str]) -> videos_lib.VideoResult:
-  path, key = task
-  return videos_lib.process_video(path, key, _WORKER['options'],
-                                  _WORKER['labeler'])
+# Worker side: mtssl.motion.videos.init_worker / work, which import no
+# TensorFlow, so that a spawned worker process starts in a fraction of a
+# second.
 
 
 def _pool(workers: int, options):
   return concurrent.futures.ProcessPoolExecutor(
       max_workers=workers, mp_context=multiprocessing.get_context('spawn'),
-      initializer=_init_worker, initargs=(options,))
+      initializer=videos_lib.init_worker, initargs=(options,))
 
 
 def _crashed(key: str) -> videos_lib.VideoResult:
@@ -97,11 +83,11 @@ def _crashed(key: str) -> videos_lib.VideoResult:
 
 
 def _results_in_order(tasks: Sequence[Tuple[str, str]], options,
-                      workers: int, work: Callable = _work
+                      workers: int, work: Callable = videos_lib.work
                       ) -> Iterator[videos_lib.VideoResult]:
   """VideoResults in task order, computed by `workers` processes."""
   if workers <= 1:
-    _init_worker(options)
+    videos_lib.init_worker(options)
     for task in tasks:
       yield work(task)
     return

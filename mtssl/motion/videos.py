@@ -199,3 +199,21 @@ def process_video(path: str, key: str, options: ExtractOptions,
   result.frames_decoded = decoded[0]
   result.seconds = time.monotonic() - start
   return result
+
+
+# Extraction worker processes (mtssl.data.motion_extraction) ----------------------
+
+_WORKER = {}
+
+
+def init_worker(options: ExtractOptions):
+  """Sets up a worker process: one OpenCV thread, a labeler for `options`."""
+  cv2.setNumThreads(1)  # one process per core already
+  _WORKER['options'] = options
+  _WORKER['labeler'] = labels_lib.MotionLabeler(options.label)
+
+
+def work(task) -> VideoResult:
+  """The VideoResult of task (path, key), in a process set up by init_worker."""
+  path, key = task
+  return process_video(path, key, _WORKER['options'], _WORKER['labeler'])
