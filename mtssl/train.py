@@ -54,10 +54,6 @@ _TASK_STEPS = flags.DEFINE_string(
     'task_steps', None,
     'cluster: stop a task after this many applied rounds, e.g. rp:1000,col:500 '
     '(the run ends when every task has stopped, or at --steps / --max_cost)')
-_TASK_DELAY = flags.DEFINE_string(
-    'task_delay', None,
-    'cluster, testing aid: extra seconds per step on a task\'s workers, e.g. '
-    'col:2 (simulates a slow task)')
 _SLURM_PORT_BASE = flags.DEFINE_integer(
     'slurm_port_base', 8888, 'cluster: first port of the servers of each node '
     'under --cluster_resolver=slurm')
@@ -125,12 +121,12 @@ def _cluster_from_flags(config):
   plan = None
   if _TASK_WORKERS.value:
     plan = cluster_plan.ClusterPlan.from_strings(
-        config, _TASK_WORKERS.value, _TASK_STEPS.value, _TASK_DELAY.value)
+        config, _TASK_WORKERS.value, _TASK_STEPS.value)
   resolver = cluster_plan.make_cluster_resolver(
       _CLUSTER_RESOLVER.value, plan_workers=plan.num_workers if plan else None,
       slurm_port_base=_SLURM_PORT_BASE.value)
   if resolver is None:
-    given = [f'--{f.name}' for f in (_TASK_WORKERS, _TASK_STEPS, _TASK_DELAY)
+    given = [f'--{f.name}' for f in (_TASK_WORKERS, _TASK_STEPS)
              if f.value]
     if given:
       raise configs.ConfigError(

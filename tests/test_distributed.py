@@ -210,23 +210,6 @@ class ClusterTest(tf.test.TestCase):
                        second_head):
       self.assertAllEqual(v.numpy(), want, msg=v.name)
 
-  def test_a_slow_task_does_not_hold_back_the_other(self):
-    model_dir = os.path.join(self.get_temp_dir(), 'run')
-    self.run_coordinator(model_dir, f'--task_delay={SECOND}:3', '--steps=10')
-    result = read_result(model_dir)
-    steps = result['task_steps']
-    self.assertEqual(sum(steps.values()), 10)
-    # Measured: FIRST 9, SECOND 1 with a 2.5 s delay, 8 and 2 with 1.5 s;
-    # FIRST's rounds take ~0.2-0.5 s here, SECOND's at least the delay.
-    # Without the delay both advance at the same pace (6 and 6 of 12).
-    self.assertGreaterEqual(steps[FIRST], 3 * steps[SECOND], msg=steps)
-    # Workers 0 and 1 train FIRST, worker 2 SECOND, and nothing else.
-    contributions = result['worker_contributions']
-    for worker, task in ((0, FIRST), (1, FIRST), (2, SECOND)):
-      self.assertEqual(set(contributions.get(str(worker), {task: 0})) - {task},
-                       set(), msg=contributions)
-    self.assertEqual(result['worker_steps'][FIRST], 2 * steps[FIRST])
-
   def test_training_survives_a_killed_worker(self):
     model_dir = os.path.join(self.get_temp_dir(), 'run')
     self.cluster.start_coordinator([f'--model_dir={model_dir}',
@@ -234,15 +217,22 @@ class ClusterTest(tf.test.TestCase):
                                     '--summary_every=1'])
     self.wait_for_log(rf'\] {FIRST} 2 st')
     self.cluster.kill(local_cluster.WORKER, 1)  # FIRST's rank 1
-    second = self.task_rounds(SECOND)
-    # The cluster manager restarts the worker at once. While it starts, the
-    # other task keeps training; then FIRST continues too.
+    first, second = self.task_rounds(FIRST), self.task_rounds(SECOND)
+    # The cluster manager restarts the worker at once. While it starts (a new
+    # process: seconds), FIRST's group cannot finish a round, and the other
+    # task is not held back: it trains on; then FIRST continues too.
     self.cluster.restart(local_cluster.WORKER, 1, wait=False)
-    self.wait_for_log(rf'{SECOND} {second + 2} st')
+    self.wait_for_log(rf'{SECOND} {second + 4} st')
+    self.assertLessEqual(self.task_rounds(FIRST), first + 1)
     self.assert_coordinator_exits(0)
     result = read_result(model_dir)
     self.assertEqual(result['task_steps'], {FIRST: 6, SECOND: 14})
     self.assertEqual(result['worker_steps'], {FIRST: 12, SECOND: 14})
+    # Workers 0 and 1 train FIRST, worker 2 SECOND, and nothing else.
+    contributions = result['worker_contributions']
+    for worker, task in ((0, FIRST), (1, FIRST), (2, SECOND)):
+      self.assertEqual(set(contributions.get(str(worker), {task: 0})) - {task},
+                       set(), msg=contributions)
     # Every task's metrics, as its workers compute them, in the progress
     # lines and as scalars.
     log = self.coordinator_log()
@@ -312,12 +302,11 @@ class ClusterPlanTest(tf.test.TestCase):
 
   def test_assignments_follow_the_task_order(self):
     plan = cluster_plan.ClusterPlan.from_strings(
-        self.config, f'{SECOND}:1,{FIRST}:2', f'{FIRST}:10', f'{SECOND}:0.5')
+        self.config, f'{SECOND}:1,{FIRST}:2', f'{FIRST}:10')
     self.assertEqual(plan.task_workers, {FIRST: 2, SECOND: 1})
     self.assertEqual(plan.assignments(), [(FIRST, 0), (FIRST, 1), (SECOND, 0)])
     self.assertEqual(plan.workers_of(SECOND), [2])
     self.assertEqual(plan.task_steps, {FIRST: 10})
-    self.assertEqual(plan.task_delay, {SECOND: 0.5})
     plan.validate_cluster({'chief': ['a:1'], 'ps': ['b:1'],
                            'worker': ['c:1', 'c:2', 'c:3']})
 

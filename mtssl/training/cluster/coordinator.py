@@ -11,7 +11,7 @@ from typing import Dict, Optional
 
 import tensorflow as tf
 from absl import logging
-# tf.data's sleep transformation (the in-graph poll interval and --task_delay).
+# tf.data's sleep transformation (the in-graph poll interval).
 from tensorflow.python.data.experimental.ops import testing as tf_data_testing  # pylint: disable=g-direct-tensorflow-import
 
 from mtssl.configs import training as configs
@@ -169,9 +169,6 @@ class DistributedTrainer:
     else:
       choice = tf.data.Dataset.from_tensors(tf.maximum(rank, 0)).repeat()
       ds = tf.data.Dataset.choose_from_datasets(pipelines, choice)
-    delay = self.plan.task_delay.get(name)
-    if delay:
-      ds = _sleep_dataset(ds, delay)
     return ds.take(tf.where(rank >= 0, tf.constant(-1, tf.int64),
                             tf.constant(0, tf.int64)))
 

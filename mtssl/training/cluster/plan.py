@@ -58,16 +58,13 @@ class ClusterPlan:
   task_workers: workers per task, in task order; worker indices are assigned
     in that order (the first task's ranks 0..K-1 are workers 0..K-1, ...).
   task_steps: stop a task after this many applied rounds (optional).
-  task_delay: testing aid, seconds added to every step of a task's workers.
   """
   task_workers: Dict[str, int]
   task_steps: Dict[str, int] = dataclasses.field(default_factory=dict)
-  task_delay: Dict[str, float] = dataclasses.field(default_factory=dict)
 
   @classmethod
   def from_strings(cls, config: configs.TrainConfig, task_workers: str,
                    task_steps: Optional[str] = None,
-                   task_delay: Optional[str] = None,
                    num_workers: Optional[int] = None) -> 'ClusterPlan':
     names = list(config.tasks)
     if not task_workers:
@@ -91,12 +88,7 @@ class ClusterPlan:
     for name, count in steps.items():
       if count < 0:
         raise configs.ConfigError(f'--task_steps: {name}:{count} is negative.')
-    delay = parse_task_values(task_delay, 'task_delay', float, names)
-    for name, seconds in delay.items():
-      if not 0 <= seconds <= 3600:
-        raise configs.ConfigError(f'--task_delay: {name}:{seconds} must be '
-                                  f'between 0 and 3600 seconds.')
-    plan = cls({n: workers[n] for n in names}, steps, delay)
+    plan = cls({n: workers[n] for n in names}, steps)
     if num_workers is not None:
       plan.check_worker_count(num_workers)
     return plan
