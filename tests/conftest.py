@@ -3,6 +3,7 @@
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+import mtssl  # pylint: disable=unused-import,wrong-import-position  # TF settings first
 
 import tensorflow as tf  # pylint: disable=wrong-import-position
 
