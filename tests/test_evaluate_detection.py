@@ -6,6 +6,7 @@ import tensorflow as tf
 from mtssl.configs import evaluation as evaluation_config
 from mtssl.evaluation import data as data_lib
 from mtssl.evaluation import detection
+from mtssl.evaluation import detector
 from mtssl.evaluation import factory
 from mtssl.evaluation import trunks
 from tests import eval_fixtures
@@ -31,7 +32,7 @@ def tiny_config(model_dir, **overrides):
 class AnchorTest(tf.test.TestCase):
 
   def test_grid_of_model_garden_anchors(self):
-    anchors = detection.make_anchors(32, 3, (16.0, 32.0), (0.5, 1.0, 2.0))
+    anchors = detector.make_anchors(32, 3, (16.0, 32.0), (0.5, 1.0, 2.0))
     grid = anchors['3'].numpy()
     self.assertEqual(grid.shape, (4, 4, 2 * 3 * 4))
     first = grid[0, 0].reshape(6, 4)   # sizes outer, aspect ratios inner
@@ -134,7 +135,7 @@ class TfdsVocFormatTest(tf.test.TestCase):
 class Block4HeadTest(tf.test.TestCase):
 
   def test_slim_names_load_from_a_slim_checkpoint(self):
-    head = detection.Block4BoxHead('resnet_v2_tiny', 16, 3, num_classes=3)
+    head = detector.Block4BoxHead('resnet_v2_tiny', 16, 3, num_classes=3)
     classes, boxes = head(tf.zeros([2, 5, 7, 7, 128]))
     self.assertEqual(classes.shape, (2, 5, 4))
     self.assertEqual(boxes.shape, (2, 5, 16))
