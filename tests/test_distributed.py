@@ -222,7 +222,7 @@ class ClusterTest(tf.test.TestCase):
     # process: seconds), FIRST's group cannot finish a round, and the other
     # task is not held back: it trains on; then FIRST continues too.
     self.cluster.restart(local_cluster.WORKER, 1, wait=False)
-    self.wait_for_log(rf'{SECOND} {second + 4} st')
+    self.wait_for_log(rf'{SECOND} {second + 2} st')
     self.assertLessEqual(self.task_rounds(FIRST), first + 1)
     self.assert_coordinator_exits(0)
     result = read_result(model_dir)
