@@ -1,5 +1,6 @@
-r"""Image sources at scale: per-core rate of tfrecord: against folder:, and
-the cost of starting a stream at a far position.
+r"""Image sources at scale: per-core rate of tfrecord: against folder:, the
+cost of starting a stream at a far position, and the rate through the
+tf.data service.
 
   python benchmarks/source_rates.py --images=64 --output=benchmarks/results/X
 
@@ -13,13 +14,20 @@ written as JPEG files in a folder and as shards of that folder
 each on one tf.data thread (examples per second of wall time, and per second
 of CPU time, the figure least affected by other jobs on the machine), and
 the wall time to the first element of a stream started at position 0, 10^6
-and 10^12. Writes OUTPUT.json and OUTPUT.md; timings are reported, never
-asserted.
+and 10^12. Then rp, col and ex from the shards in this process on every
+core (tf.data's defaults) against the same pipelines on a tf.data service
+of 1 and 2 local worker processes (--service_workers), with the CPU seconds
+those processes spent; and the host cores one H200 needs at the compiled
+steps' rates (COMPILED_STEP_RATES) from the one-thread examples per CPU-s.
+Writes OUTPUT.json and OUTPUT.md; timings are reported, never asserted.
 """
 
 import json
 import os
 import platform
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -29,21 +37,86 @@ from absl import flags
 _IMAGES = flags.DEFINE_integer('images', 64, 'Images in the folder.')
 _BATCHES = flags.DEFINE_integer('batches', 6, 'Timed batches of 8 per row.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Output path without extension.')
+_SERVICE_WORKERS = flags.DEFINE_list(
+    'service_workers', ['1', '2'], 'tf.data service sizes (worker processes) '
+    'to time; empty: none.')
+
+# Training examples per second of the XLA-compiled training steps (paper
+# heads, bf16) on one NVIDIA H200, replayed with XLA at commit 357a851:
+# col 64 images per batch, rp 256 pairs, ex 64 triplets.
+COMPILED_STEP_RATES = {'col': 925.0, 'rp': 4818.0, 'ex': 2114.0}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Service:
+  """A dispatcher with one worker, plus `workers - 1` worker processes."""
+
+  def __init__(self, workers: int):
+    with socket.socket() as s:
+      s.bind(('localhost', 0))
+      port = s.getsockname()[1]
+    self.address = f'grpc://localhost:{port}'
+    self.processes = []
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2')
+    for i in range(workers):
+      where = [f'--port={port}'] if i == 0 else [f'--dispatcher=localhost:{port}']
+      process = subprocess.Popen(  # pylint: disable=consider-using-with
+          [sys.executable, '-m', 'mtssl.data_service', '--workers=1', *where],
+          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      self.processes.append(process)
+      line = process.stdout.readline()
+      while line and not line.startswith('data service:'):
+        line = process.stdout.readline()
+      if not line:
+        self.stop()
+        raise RuntimeError('a data service process ended before serving')
+
+  def cpu_seconds(self) -> float:
+    total = 0
+    for process in self.processes:
+      with open(f'/proc/{process.pid}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+      total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf('SC_CLK_TCK')
+
+  def stop(self):
+    for process in self.processes:
+      process.kill()
+      process.wait()
+
+
+def time_served(ds, batch, batches, service=None):
+  """Examples per wall second, and per CPU second of the service processes."""
+  iterator = iter(ds)
+  for _ in range(2):
+    next(iterator)
+  cpu0 = service.cpu_seconds() if service else 0.0
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  wall = time.perf_counter() - t0
+  out = {'examples_per_s': round(batch * batches / wall, 2)}
+  if service:
+    cpu = service.cpu_seconds() - cpu0
+    out['service_cpu_s_per_example'] = round(cpu / (batch * batches), 5)
+  del iterator
+  return out
 
 
 def main(argv) -> int:
   del argv
   import cv2  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mtssl import benchmark  # pylint: disable=g-import-not-at-top
   from mtssl import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  from mtssl.benchmarking import pipelines  # pylint: disable=g-import-not-at-top
   from mtssl.data import image_records  # pylint: disable=g-import-not-at-top
   from mtssl.data import sources  # pylint: disable=g-import-not-at-top
 
   tmp = tempfile.mkdtemp(prefix='mtssl-source-rates-')
   folder = os.path.join(tmp, 'images')
   os.makedirs(folder)
-  images, _ = benchmark.pipeline_data('rp', _IMAGES.value, (375, 500))
+  images, _ = pipelines.pipeline_data(tasks_lib.get_task_class('rp')(),
+                                      _IMAGES.value, (375, 500))
   for i, image in enumerate(images):
     cv2.imwrite(os.path.join(folder, f'{i:05d}.jpg'), image[..., ::-1],
                 [cv2.IMWRITE_JPEG_QUALITY, 90])
@@ -53,7 +126,7 @@ def main(argv) -> int:
   specs = {'folder': 'folder:' + folder, 'tfrecord': 'tfrecord:' + shards}
   batch = 8
   rows = []
-  for what in ('decode', 'rp', 'col'):
+  for what in ('decode', 'rp', 'col', 'ex'):
     for kind, spec in specs.items():
       source = sources.make_image_source(spec)
       if what == 'decode':
@@ -62,8 +135,8 @@ def main(argv) -> int:
         cls = tasks_lib.get_task_class(what)
         task = cls(cls.config_class(**dict(cls.cpu_overrides, batch_size=batch)))
         ds = task.make_dataset(source, batch, seed=0)
-      rate = benchmark.time_pipeline(benchmark._single_threaded(ds, 1),  # pylint: disable=protected-access
-                                     batch, warmup=2, batches=_BATCHES.value)
+      rate = pipelines.time_pipeline(pipelines.with_threads(ds, 1), batch,
+                                     warmup=2, batches=_BATCHES.value)
       rows.append(dict(pipeline=what, source=kind, **rate))
       print(rows[-1], flush=True)
   resume = []
@@ -75,10 +148,41 @@ def main(argv) -> int:
       resume.append({'source': kind, 'start': start,
                      'first_element_s': round(time.perf_counter() - t0, 4)})
       print(resume[-1], flush=True)
+  from mtssl.data import service as service_lib  # pylint: disable=g-import-not-at-top
+  served = []
+  source = sources.make_image_source(specs['tfrecord'])
+
+  def pipeline(name):
+    cls = tasks_lib.get_task_class(name)
+    task = cls(cls.config_class(**dict(cls.cpu_overrides, batch_size=batch)))
+    return task.make_dataset(source, batch, seed=0)
+
+  for name in COMPILED_STEP_RATES:
+    served.append(dict(pipeline=name, where='in process',
+                       **time_served(pipeline(name), batch, _BATCHES.value)))
+    print(served[-1], flush=True)
+    for workers in map(int, filter(None, _SERVICE_WORKERS.value)):
+      service = Service(workers)
+      try:
+        ds = service_lib.distribute(pipeline(name), service.address,
+                                    f'rates-{name}-{workers}')
+        served.append(dict(pipeline=name, where=f'service, {workers} worker(s)',
+                           **time_served(ds, batch, _BATCHES.value, service)))
+      finally:
+        service.stop()
+      print(served[-1], flush=True)
+  per_core = {r['pipeline']: r['examples_per_cpu_s'] for r in rows
+              if r['source'] == 'tfrecord'}
+  cores = {name: {'compiled_step_examples_per_s': rate,
+                  'examples_per_cpu_s': per_core.get(name),
+                  'host_cores': round(rate / per_core[name], 1)
+                  if per_core.get(name) else None}
+           for name, rate in COMPILED_STEP_RATES.items()}
   report = {'machine': platform.processor() or platform.machine(),
             'cpus': os.cpu_count(), 'load_average': os.getloadavg(),
             'tensorflow': tf.__version__, 'images': _IMAGES.value,
-            'image_size': [375, 500], 'rates': rows, 'resume': resume}
+            'image_size': [375, 500], 'rates': rows, 'resume': resume,
+            'service': served, 'host_cores_per_h200': cores}
   if _OUTPUT.value:
     with open(_OUTPUT.value + '.json', 'w') as f:
       json.dump(report, f, indent=1)
@@ -97,6 +201,15 @@ def main(argv) -> int:
               '|---|---|---|']
     lines += [f'| {r["source"]} | {r["start"]:,} | {r["first_element_s"]} |'
               for r in resume]
+    lines += ['', '| pipeline (tfrecord:) | where | examples/s (wall) | '
+              'service CPU-s per example |', '|---|---|---|---|']
+    lines += [f'| {r["pipeline"]} | {r["where"]} | {r["examples_per_s"]} | '
+              f'{r.get("service_cpu_s_per_example", "")} |' for r in served]
+    lines += ['', '| task | compiled step on one H200 (examples/s) | host '
+              'examples per CPU-s | host cores per H200 |', '|---|---|---|---|']
+    lines += [f'| {n} | {c["compiled_step_examples_per_s"]:.0f} | '
+              f'{c["examples_per_cpu_s"]} | {c["host_cores"]} |'
+              for n, c in cores.items()]
     with open(_OUTPUT.value + '.md', 'w') as f:
       f.write('\n'.join(lines) + '\n')
   return 0
