@@ -18,26 +18,6 @@ if _cpus and not tf.config.list_logical_devices('CPU')[1:]:
     pass
 
 
-# The files that take longest (over ~40 s each on the 2-core machine), in
-# that order, run first: with pytest-xdist handing out whole files
-# (`-n 2 --dist loadfile`, README's test command), the workers then finish
-# close together instead of one starting a long file last.
-LONGEST_FIRST = ('test_distributed.py', 'test_slurm.py',
-                 'test_motion_labels.py', 'test_model_garden_driver.py',
-                 'test_resnet_v2_parity.py', 'test_trainer.py',
-                 'test_paper_config.py', 'test_evaluate_detection.py',
-                 'test_export.py', 'test_slim_checkpoint.py', 'test_rp.py',
-                 'test_real_data.py', 'test_evaluate_depth.py',
-                 'test_checkpoint_faults.py', 'test_data_service.py')
-
-
-def _rank(item):
-  name = os.path.basename(str(item.path))
-  return (LONGEST_FIRST.index(name) if name in LONGEST_FIRST
-          else len(LONGEST_FIRST))
-
-
 def pytest_collection_modifyitems(items):
   # tf.test.TestCase.test_session is a context manager, not a test.
-  items[:] = sorted((item for item in items if item.name != 'test_session'),
-                    key=_rank)
+  items[:] = [item for item in items if item.name != 'test_session']
