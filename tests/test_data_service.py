@@ -1,14 +1,18 @@
-"""tf.data service: a dispatcher and two worker processes on localhost serve
-rp and col from tfrecord shards to a short training run; bad setups fail by
-name, quickly."""
+"""tf.data service: a dispatcher and two workers on localhost serve rp and
+col from tfrecord shards to a short training run, which goes on when a third
+worker process is killed; the local cluster launcher's service feeds a
+worker group; bad setups fail by name, quickly."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 
+import numpy as np
 import tensorflow as tf
 
 from mtssl.configs import training as configs
@@ -50,6 +54,22 @@ def make_config(model_dir, data, steps=2, tasks=('rp', 'col'), **overrides):
   return configs.TrainConfig(**values)
 
 
+def start_service(*flags):
+  """`python -m mtssl.data_service FLAGS`, once it has said it serves."""
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2')
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'mtssl.data_service', *flags], cwd=ROOT, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 120
+  line = ''
+  while time.time() < deadline and process.poll() is None:
+    line = process.stdout.readline()
+    if line.startswith('data service:'):
+      return process
+  process.kill()
+  raise RuntimeError(f'the data service did not start: {line!r}')
+
+
 class DataServiceTest(tf.test.TestCase):
 
   @classmethod
@@ -62,20 +82,7 @@ class DataServiceTest(tf.test.TestCase):
     image_records.make_shards(root, cls.shards, records_per_shard=2,
                               log=lambda _: None)
     cls.port = free_port()
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2')
-    cls.server = subprocess.Popen(
-        [sys.executable, '-m', 'mtssl.data_service', f'--port={cls.port}',
-         '--workers=2'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    line = ''
-    while time.time() < deadline and cls.server.poll() is None:
-      line = cls.server.stdout.readline()
-      if line.startswith('data service:'):
-        break
-    if not line.startswith('data service:'):
-      cls.server.kill()
-      raise RuntimeError(f'the data service did not start: {line!r}')
+    cls.server = start_service(f'--port={cls.port}', '--workers=2')
 
   @classmethod
   def tearDownClass(cls):
@@ -95,6 +102,47 @@ class DataServiceTest(tf.test.TestCase):
     counts = trainer.sources['rp'].counter.snapshot()
     self.assertGreaterEqual(sum(counts.values()), 4)
     self.assertGreater(int(trainer.state.positions['rp'].numpy()), 0)
+
+  def test_training_goes_on_when_a_worker_is_killed(self):
+    # A third worker, in its own process, joins the dispatcher; it is killed
+    # after the second step. The run reaches its steps on the other two and
+    # keeps logging its loss.
+    extra = start_service(f'--dispatcher=localhost:{self.port}', '--workers=1')
+    self.addCleanup(extra.kill)
+    steps = 8
+    cfg = make_config(os.path.join(self.get_temp_dir(), 'run'),
+                      'tfrecord:' + self.shards, steps=steps, tasks=('rp',),
+                      data_service=f'grpc://localhost:{self.port}', log_every=1)
+    trainer = trainer_lib.Trainer(cfg).setup()
+    killed_at = []
+    done = threading.Event()
+
+    def kill_after_two_steps():
+      while not done.is_set():
+        step = int(trainer.state.global_step.numpy())
+        if step >= 2:
+          extra.kill()
+          extra.wait()
+          killed_at.append(step)
+          return
+        time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_after_two_steps)
+    killer.start()
+    try:
+      with self.assertLogs('absl', level='INFO') as logs:
+        result = trainer.train()
+    finally:
+      done.set()
+      killer.join()
+    self.assertLen(killed_at, 1)
+    self.assertLess(killed_at[0], steps)
+    self.assertEqual(result['task_steps'], {'rp': steps})
+    losses = {int(m.group(1)): float(m.group(2)) for m in re.finditer(
+        r'\[(\d+)/\d+\] rp \d+ st loss (\S+)', '\n'.join(logs.output))}
+    after = [loss for step, loss in losses.items() if step > killed_at[0]]
+    self.assertNotEmpty(after, msg=logs.output)
+    self.assertTrue(all(np.isfinite(after)), msg=losses)
 
   def test_col_off_mode_on_a_worker_gives_the_local_batches(self):
     # col's pipeline (its grayscale filter carries counts in a scan) on the
