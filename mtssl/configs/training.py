@@ -124,6 +124,11 @@ class TrainConfig:
       36_000_000, 'skip (and count) images whose header gives more pixels '
       'than this, before decoding them')
 
+  def data_service_for(self, name: str) -> Optional[str]:
+    """The tf.data service that runs task `name`'s pipeline (its own
+    --<task>_data_service, else --data_service), or None."""
+    return self.tasks[name].data_service or self.data_service
+
   def validate(self):
     """Raises ConfigError naming the first invalid field."""
     if not self.tasks:

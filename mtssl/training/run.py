@@ -16,6 +16,7 @@ from absl import logging
 from mtssl import tasks as tasks_lib
 from mtssl.backbones import slim_checkpoint
 from mtssl.configs import training as configs
+from mtssl.data import service
 from mtssl.data import sources as sources_lib
 from mtssl.training import checkpoints as checkpoints_lib
 from mtssl.training import core
@@ -122,7 +123,8 @@ class Run:
     self.resumed_from = None
 
   def prepare(self):
-    """Everything before the model: determinism, tasks, data sources."""
+    """Everything before the model: determinism, tasks, data sources (and
+    the data services that will run them)."""
     cfg = self.config
     if cfg.deterministic:
       tf.config.experimental.enable_op_determinism()
@@ -134,6 +136,11 @@ class Run:
     self.tasks = make_tasks(cfg)
     checkpoints_lib.check_model_dir(cfg.model_dir)
     self.sources = make_sources(cfg, self.tasks)
+    for name in self.tasks:
+      address = cfg.data_service_for(name)
+      if address:
+        service.check_servable(name, self.sources[name])
+        service.check_reachable(address)
 
   def precision_policy(self):
     return core.precision_policy(self.config.mixed_precision)

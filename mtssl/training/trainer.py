@@ -77,12 +77,7 @@ class Trainer:
     cfg, run = self.config, self.run
     run.prepare()
     self.config_changes = monitoring.save_config(cfg)
-    addresses = {n: cfg.tasks[n].data_service or cfg.data_service
-                 for n in run.tasks}
-    for name, address in addresses.items():
-      if address:
-        service.check_servable(name, run.sources[name])
-        service.check_reachable(address)
+    addresses = {n: cfg.data_service_for(n) for n in run.tasks}
     with run.precision_policy():
       restore_status = run.create_model_and_state()
       first = {}

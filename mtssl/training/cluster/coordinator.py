@@ -15,7 +15,6 @@ from absl import logging
 from tensorflow.python.data.experimental.ops import testing as tf_data_testing  # pylint: disable=g-direct-tensorflow-import
 
 from mtssl.configs import training as configs
-from mtssl.data import service
 from mtssl.training import monitoring
 from mtssl.training import run as run_lib
 from mtssl.training.cluster import plan as plan_lib
@@ -92,11 +91,6 @@ class DistributedTrainer:
       return self
     run = self.run
     run.prepare()
-    for name in self.names:
-      address = cluster_worker.service_address(self.config, name)
-      if address:
-        service.check_servable(name, run.sources[name])
-        service.check_reachable(address)
     self.config_changes = monitoring.save_config(self.config)
     logging.info('Connecting to the cluster: %s', cluster_dict(self.resolver))
     self.strategy = tf.distribute.ParameterServerStrategy(self.resolver)
@@ -157,7 +151,7 @@ class DistributedTrainer:
     worker = tf.distribute.coordinator.experimental_get_current_worker_index()
     rank = tf.gather(ranks, worker)
     task, source = self.run.tasks[name], self.run.sources[name]
-    if cluster_worker.service_address(self.config, name):
+    if self.config.data_service_for(name):
       pipelines = [cluster_worker.served_pipeline(
           self.config, task, source, name, max(positions))]
     else:

@@ -70,14 +70,9 @@ def input_prefix(config: configs.TrainConfig, name: str,
   seed = run_lib.task_seed(config.seed, name) if rank is None else rank_seed(
       config.seed, name, rank)
   key = repr((name, rank, seed, run.data, run.config, config.tfds_data_dir,
-              service_address(config, name)))
+              config.data_service_for(name)))
   digest = hashlib.sha1(key.encode('utf-8')).hexdigest()[:12]
   return f'{PY_FUNCTION_PREFIX}/{name}/{"served" if rank is None else rank}/{digest}'
-
-
-def service_address(config: configs.TrainConfig, name: str) -> Optional[str]:
-  """The tf.data service that runs task `name`'s pipeline, or None."""
-  return config.tasks[name].data_service or config.data_service
 
 
 def rank_pipeline(config, task, source, name, rank, start):
@@ -100,7 +95,7 @@ def served_pipeline(config, task, source, name, start):
   with worker_local_python_functions(input_prefix(config, name, None)):
     ds = task.make_dataset(source, config.tasks[name].config.batch_size,
                            seed=seed, start=start)
-    ds = service.distribute(ds, service_address(config, name),
+    ds = service.distribute(ds, config.data_service_for(name),
                             service.job_name(name, seed, start),
                             config.data_service_mode)
     return problems_lib.count_in_process(ds, source.counter)
@@ -118,7 +113,7 @@ def register_worker_inputs(config, name, rank):
   source = run_lib.make_sources(config, {name: task})[name]
 
   def build():
-    if service_address(config, name):
+    if config.data_service_for(name):
       return served_pipeline(config, task, source, name, start=0)
     return rank_pipeline(config, task, source, name, rank, start=0)
 
@@ -153,8 +148,8 @@ def run_server(resolver, config: configs.TrainConfig, plan: plan_lib.ClusterPlan
     keep_alive = register_worker_inputs(config, name, rank)
     source = keep_alive[1]
     logging.info('Worker %d: task %s, rank %d (%s).', index, name, rank,
-                 input_prefix(config, name, None if service_address(
-                     config, name) else rank))
+                 input_prefix(config, name,
+                              None if config.data_service_for(name) else rank))
   server = tf.distribute.Server(
       tf.train.ClusterSpec(cluster), job_name=job, task_index=index,
       protocol=resolver.rpc_layer or 'grpc', start=True)
