@@ -21,14 +21,18 @@ class LearningTest(tf.test.TestCase):
     config = ti.TiConfig(batch_size=16, **SMALL_HEAD, **SMALL_GRAPH)
     task = ti.TransitiveInvarianceTask(config)
     losses, windows = task_checks.learning_run(
-        task, 'ti', task.make_source('synthetic'), steps=60,
+        task, 'ti', task.make_source('synthetic'), steps=120,
         learning_rate=3e-3, window=20)
-    # Chance: triplet accuracy 0.5. Measured (seed 0): mean loss 0.488 over
-    # steps 1-20, 0.417 over steps 41-60; triplet accuracy 0.54 then 0.62
-    # (320 triplets per window: one standard deviation at chance is 0.028).
-    # Require an 8% lower loss and an accuracy 2 deviations above chance.
-    self.assertLess(np.mean(losses[-20:]), 0.92 * np.mean(losses[:20]))
-    self.assertGreater(windows[-1]['triplet_accuracy'], 0.556)
+    # Chance: triplet accuracy 0.5 (320 triplets per window: one standard
+    # deviation is 0.028). Float summation order changes with the number of
+    # threads and the runs drift apart after a few steps, so the bounds come
+    # from seeds 0, 1, 2 with 1 and with 2 intra-op threads (six runs):
+    # mean loss 0.46-0.50 over steps 1-20, 0.14-0.25 over steps 101-120
+    # (ratio 0.31-0.54); accuracy over steps 101-120 0.80-0.89. Over 60
+    # steps the same runs were too close to call (ratio 0.84-0.98, accuracy
+    # 0.55-0.68), which made a 60-step check fail on another thread count.
+    self.assertLess(np.mean(losses[-20:]), 0.75 * np.mean(losses[:20]))
+    self.assertGreater(windows[-1]['triplet_accuracy'], 0.7)
 
 
 class CheckpointTest(tf.test.TestCase):
