@@ -25,6 +25,7 @@ def forward_macs(model: model_lib.MultiTaskModel, name: str,
                  features) -> Dict[str, float]:
   """Forward MACs per example of task `name` (trunk, head, total)."""
   task = model.tasks[name]
+  features, _ = task.device_inputs(features, {})
   examples = int(task.examples_in(features))
   images = task.trunk_images(features)
   trunk_macs = flops.count_macs(

@@ -87,8 +87,10 @@ class MultiTaskModel(tf_keras.Model):
     return tf.add_n([tf.cast(l, tf.float32) for l in losses])
 
   def build_all(self, example_features: Mapping[str, Dict[str, tf.Tensor]]):
-    """Creates every variable by running each task once (inference mode)."""
+    """Creates every variable by running each task once (inference mode) on
+    a batch of its pipeline."""
     for name, features in example_features.items():
+      features, _ = self.tasks[name].device_inputs(features, {})
       self.task_outputs(name, features, training=False)
 
   @property

@@ -75,6 +75,14 @@ class Task(abc.ABC):
                    start: int = 0) -> tf.data.Dataset:
     """Batched (features, labels) dicts; see the module docstring."""
 
+  def device_inputs(self, features: Dict[str, tf.Tensor],
+                    labels: Dict[str, tf.Tensor]):
+    """Completes a batch inside the compiled training step: the
+    preprocessing that a task's `device_preprocessing` setting moves off the
+    host. Every consumer of `make_dataset`'s batches calls it before the
+    model; without such a setting it returns the batch unchanged."""
+    return features, labels
+
   # Model ----------------------------------------------------------------
   @abc.abstractmethod
   def trunk_images(self, features: Dict[str, tf.Tensor]) -> tf.Tensor:

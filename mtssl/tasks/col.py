@@ -73,6 +73,10 @@ class ColConfig(base.TaskConfig):
       3, 'images in each TensorBoard colorization summary')
   fast_preprocessing: bool = config_base.field(
       True, 'the same values with cheaper kernels (module docstring)')
+  device_preprocessing: bool = config_base.field(
+      False, 'Lab conversion, targets and their soft encoding inside the '
+      'compiled training step: the input pipeline yields uint8 crops (the '
+      'grayscale test reads a table of all colours)')
 
   def validate(self):
     super().validate()
@@ -230,25 +234,47 @@ class ColorizationTask(base.Task):
           self.prior, self.config.rebalance_lambda).astype(np.float32)
 
   # Inputs ----------------------------------------------------------------
-  def _example(self, index, image, seed):
+  def _crop(self, index, image, seed):
     cfg = self.config
-    crop = square_crop(image, cfg.image_size, example_seed(seed, index),
+    return square_crop(image, cfg.image_size, example_seed(seed, index),
                        cfg.random_flip)
-    fast = cfg.fast_preprocessing
+
+  def _from_crops(self, crop):
+    """(trunk input, ab targets, Lab) of a uint8 crop or a batch of them."""
+    fast = self.config.fast_preprocessing
     lab = color.rgb_to_lab(tf.cast(crop, tf.float32) / 255.0, fast=fast)
     gray = (color.lab_lightness_as_rgb(lab) if fast
             else color.lightness_as_rgb(crop))
-    features = {'index': index, 'image': preprocessing.vgg_preprocess(gray)}
-    labels = {'image': crop, 'ab': ab_targets(lab, cfg.target_stride)}
-    return features, labels, has_chroma(lab, cfg.min_chroma)
+    return (preprocessing.vgg_preprocess(gray),
+            ab_targets(lab, self.config.target_stride), lab)
 
-  def examples(self, source, seed: int, start: int = 0) -> tf.data.Dataset:
-    """Unbatched (features, labels) before soft encoding; grayscale skipped."""
-    counter = source.counter
+  def _example(self, index, image, seed):
+    crop = self._crop(index, image, seed)
+    trunk_input, ab, lab = self._from_crops(crop)
+    features = {'index': index, 'image': trunk_input}
+    labels = {'image': crop, 'ab': ab}
+    return features, labels, has_chroma(lab, self.config.min_chroma)
+
+  def _crop_example(self, index, image, seed, table):
+    """The crop alone, for device_preprocessing; the same grayscale test."""
+    crop = self._crop(index, image, seed)
+    return {'index': index, 'crop': crop}, {}, color.has_chroma_by_table(
+        crop, table)
+
+  def examples(self, source, seed: int, start: int = 0,
+               crops: bool = False) -> tf.data.Dataset:
+    """Unbatched (features, labels) before soft encoding (`crops`: uint8
+    crops, see `device_inputs`); grayscale images skipped."""
+    make = self._example
+    if crops:
+      table = color.chroma_table(self.config.min_chroma,
+                                 self.config.fast_preprocessing)
+      make = lambda k, image, seed: self._crop_example(k, image, seed, table)
     ds = problems.map_examples(
-        source, seed, start, lambda k, image: self._example(k, image, seed),
+        source, seed, start, lambda k, image: make(k, image, seed),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = problems.filter_counted(ds, counter, lambda f, l, ok: ok, SKIP_REASON)
+    ds = problems.filter_counted(ds, source.counter, lambda f, l, ok: ok,
+                                 SKIP_REASON)
     return ds.map(lambda f, l, ok: (f, l))
 
   def encode_targets(self, features, labels):
@@ -258,10 +284,24 @@ class ColorizationTask(base.Task):
     return features, dict(labels, bins=indices, bin_weights=weights)
 
   def make_dataset(self, source, batch_size, seed, start=0):
-    ds = self.examples(source, seed, start).batch(batch_size, drop_remainder=True)
-    ds = ds.map(self.encode_targets, num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
+    device = self.config.device_preprocessing
+    ds = self.examples(source, seed, start, crops=device).batch(
+        batch_size, drop_remainder=True)
+    if not device:
+      ds = ds.map(self.encode_targets, num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+  def device_inputs(self, features, labels):
+    """With device_preprocessing: a batch of crops -> the trunk input, the
+    targets and their soft encoding (what the host path makes per example)."""
+    if not self.config.device_preprocessing:
+      return features, labels
+    features = dict(features)
+    crop = features.pop('crop')
+    trunk_input, ab, _ = self._from_crops(crop)
+    features['image'] = trunk_input
+    return self.encode_targets(features, dict(labels, image=crop, ab=ab))
 
   # Model -----------------------------------------------------------------
   def trunk_images(self, features):

@@ -65,6 +65,7 @@ class TaskTrainStep:
     self.update.restore_moving_statistics(saved)
 
   def _train_step(self, features, labels):
+    features, labels = self.task.device_inputs(features, labels)
     result = self.compute_gradients(features, labels,
                                     self.update.moving_statistics)
     outputs = result['outputs']

@@ -288,6 +288,7 @@ class Trainer:
       tf.summary.scalar('total/cost_hours', sum(costs.values()))
 
   def _write_images(self, name, features, labels, outputs, g):
+    features, labels = self.tasks[name].device_inputs(features, labels)
     images = self.tasks[name].image_summaries(features, labels, outputs)
     with self.writer.as_default(step=g):
       for key, value in images.items():

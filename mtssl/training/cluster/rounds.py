@@ -106,6 +106,7 @@ class Rounds:
         features, labels = next(iterator)
       with tf.control_dependencies(tf.nest.flatten((features, labels))):
         input_seconds = tf.timestamp() - start
+      features, labels = task.device_inputs(features, labels)
       result = step.compute_gradients(features, labels)
       grads = result['grads']
       self._has_grad[name] = [g is not None for g in grads]
