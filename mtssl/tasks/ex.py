@@ -103,6 +103,9 @@ class ExConfig(base.TaskConfig):
   fast_preprocessing: bool = config_base.field(
       True, 'one batched colour shift of the three views with fast kernels '
       '(same values; module docstring)')
+  device_preprocessing: bool = config_base.field(
+      False, 'the colour shifts inside the compiled training step: the input '
+      'pipeline yields the views (float32 in [0, 1]) and their colour draws')
 
   def validate(self):
     super().validate()
@@ -223,12 +226,16 @@ def color_shift(patch, seed, config: ExConfig, fast: bool = False):
   return apply_color_shift(patch, color_parameters(seed, config), fast)
 
 
+def view_color_parameters(seeds, config: ExConfig):
+  """`color_parameters` of every view, view v with seeds[v], stacked [V, ...]."""
+  params = [color_parameters(s, config) for s in seeds]
+  return {k: tf.stack([p[k] for p in params]) for k in params[0]}
+
+
 def color_shift_views(views, seeds, config: ExConfig, fast: bool = True):
   """`color_shift` of every view [V, h, w, 3], view v with seeds[v], as one
   batched computation."""
-  params = [color_parameters(s, config) for s in seeds]
-  stacked = {k: tf.stack([p[k] for p in params]) for k in params[0]}
-  return apply_color_shift(views, stacked, fast)
+  return apply_color_shift(views, view_color_parameters(seeds, config), fast)
 
 
 def sample_view(seed, centre, config: ExConfig):
@@ -269,7 +276,9 @@ class ExemplarTask(base.Task):
 
     features: index, patches [3, p, p, 3] (x1, x2, negative candidate; trunk
     inputs, VGG convention), centres [2, 2] ((y, x) of the seed patch and of
-    the candidate's patch in the 256x256 image), transforms [3, 8].
+    the candidate's patch in the 256x256 image), transforms [3, 8]. With
+    device_preprocessing, views [3, p, p, 3] (RGB in [0, 1]) and color (their
+    `view_color_parameters`) in place of patches.
     """
     cfg = self.config
     seed = patches.example_seed(seed, index, _SALT)
@@ -287,17 +296,17 @@ class ExemplarTask(base.Task):
     views = tf.clip_by_value(extract_views(image, transforms, cfg.patch_size),
                              0.0, 1.0)
     color_seeds = [patches.draw_seed(s, _COLOR_SEED) for s in view_seeds]
+    features = {'index': tf.cast(index, tf.int64), 'centres': centres,
+                'transforms': transforms}
+    if cfg.device_preprocessing:
+      return dict(features, views=views,
+                  color=view_color_parameters(color_seeds, cfg))
     if cfg.fast_preprocessing:
       views = color_shift_views(views, color_seeds, cfg)
     else:
       views = tf.stack([color_shift(views[v], color_seeds[v], cfg)
                         for v in range(_VIEWS)])
-    features = {
-        'index': tf.cast(index, tf.int64),
-        'patches': preprocessing.vgg_preprocess(views * 255.0),
-        'centres': centres,
-        'transforms': transforms,
-    }
+    features['patches'] = preprocessing.vgg_preprocess(views * 255.0)
     return features
 
   @staticmethod
@@ -324,7 +333,21 @@ class ExemplarTask(base.Task):
                                num_parallel_calls=tf.data.AUTOTUNE,
                                deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True)
+    if self.config.device_preprocessing:
+      return ds.map(lambda features: (features, {})).prefetch(tf.data.AUTOTUNE)
     return ds.map(self.arrange_triplets).prefetch(tf.data.AUTOTUNE)
+
+  def device_inputs(self, features, labels):
+    """With device_preprocessing: the views' colour shifts, then the
+    triplets (what the host path does per example and per batch); the host
+    yields no labels then."""
+    if not self.config.device_preprocessing:
+      return features, labels
+    features = dict(features)
+    views = apply_color_shift(features.pop('views'), features.pop('color'),
+                              self.config.fast_preprocessing)
+    features['patches'] = preprocessing.vgg_preprocess(views * 255.0)
+    return self.arrange_triplets(features)
 
   def trunk_images(self, features):
     return patches.flatten_groups(features['patches'])
