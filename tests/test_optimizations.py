@@ -158,6 +158,30 @@ class DevicePreprocessingTest(tf.test.TestCase):
         self.assertAllClose(labels['bin_weights'], want_labels['bin_weights'],
                             atol=5e-5)
 
+  def test_rp_batches_equal_the_host_pipeline(self):
+    for harmonize in (False, True):
+      def batches(device, harmonize=harmonize):
+        task = rp.RelativePositionTask(rp.RPConfig(**dict(
+            rp.RelativePositionTask.cpu_overrides, batch_size=4,
+            harmonize=harmonize, device_preprocessing=device)))
+        return task, task_checks.take(task.make_dataset(
+            sources.SyntheticImageSource(300, 400), 4, seed=2), 3)
+
+      _, host = batches(False)
+      task, raw = batches(True)
+      # Measured (1 and 2 threads): 1.5e-5 (colour dropping, RMS 50) and
+      # 6.1e-5 (harmonized, 0-255); 1.9e-3 for colour dropping under XLA.
+      for jit in (False, True):
+        complete = tf.function(task.device_inputs, jit_compile=jit)
+        for (features, labels), (want, want_labels) in zip(raw, host):
+          self.assertEqual('kept_channels' in features, not harmonize)
+          features, labels = complete(features, labels)
+          self.assertEqual(set(features), set(want))
+          self.assertAllEqual(labels['label'], want_labels['label'])
+          self.assertAllEqual(features['corners'], want['corners'])
+          self.assertAllClose(features['patches'], want['patches'],
+                              atol=0.02, rtol=0, msg=f'jit={jit}')
+
   def test_ex_batches_equal_the_host_pipeline(self):
     def batches(device):
       task = ex.ExemplarTask(ex.ExConfig(**dict(

@@ -154,6 +154,10 @@ class RPConfig(base.TaskConfig):
   weight_decay: float = config_base.field(1e-4, 'L2 weight decay of the head')
   fast_preprocessing: bool = config_base.field(
       True, 'resize only the patch windows (same values; module docstring)')
+  device_preprocessing: bool = config_base.field(
+      False, 'colour dropping\'s normalization (or the harmonized lightness) '
+      'inside the compiled training step: the input pipeline yields the '
+      'resized patches, with the noise in the dropped channels')
 
   def validate(self):
     super().validate()
@@ -280,15 +284,29 @@ def color_drop(patch, seed):
   it is the 2015 network input (kept channel mean-subtracted, the others
   uniform noise, RMS 50).
   """
+  return normalize_color_drop(*color_drop_draws(patch, seed))
+
+
+def color_drop_draws(patch, seed):
+  """The random part of `color_drop`: (the patch with uniform noise in its
+  dropped channels, float32 [h, w, 3]; the kept channel)."""
   patch = tf.cast(patch, tf.float32)
   keep = kept_channel(seed)
   noise = tf.random.stateless_uniform(
       tf.shape(patch), seed=patches.draw_seed(seed, _COLOR_2),
       minval=-COLOR_DROP_NOISE, maxval=COLOR_DROP_NOISE)
-  centred = patch - tf.reduce_mean(patch, axis=[0, 1], keepdims=True)
-  kept = tf.equal(tf.range(3), keep)
-  dropped = tf.where(kept, centred, noise)
-  rms = tf.sqrt(tf.reduce_mean(tf.square(dropped)))
+  return tf.where(tf.equal(tf.range(3), keep), patch, noise), keep
+
+
+def normalize_color_drop(mixed, keep):
+  """The rest of `color_drop` on `color_drop_draws`' outputs, any leading
+  axes (mixed [..., h, w, 3], keep [...]): the kept channel mean-subtracted,
+  RMS 50 over the patch."""
+  kept = tf.equal(tf.range(3), tf.cast(keep, tf.int32)[..., None, None, None])
+  centred = mixed - tf.reduce_mean(mixed, axis=[-3, -2], keepdims=True)
+  dropped = tf.where(kept, centred, mixed)
+  rms = tf.sqrt(tf.reduce_mean(tf.square(dropped), axis=[-3, -2, -1],
+                               keepdims=True))
   dropped = dropped * (COLOR_DROP_RMS / tf.maximum(rms, 1e-6))
   return dropped + tf.constant(preprocessing.VGG_MEAN_RGB, tf.float32)
 
@@ -338,21 +356,37 @@ class RelativePositionTask(base.Task):
       resized = tf.clip_by_value(resized, 0.0, 255.0)
       crops = [patches.crop(resized, corners[i, 0], corners[i, 1],
                             cfg.patch_size) for i in range(2)]
-    pair = []
-    for i, patch in enumerate(crops):
-      if cfg.harmonize:
-        patch = color.lightness_as_rgb(patch, fast=cfg.fast_preprocessing)
-      else:
-        patch = color_drop(patch, patch_seed(seed, i))
-      pair.append(preprocessing.vgg_preprocess(patch))
     features = {
         'index': tf.cast(index, tf.int64),
-        'patches': tf.stack(pair),
         'corners': geometry['corners'],
         'image_size': tf.stack([height, width]),
         'upscaled': upscaled,
     }
+    if not cfg.harmonize:
+      draws = [color_drop_draws(patch, patch_seed(seed, i))
+               for i, patch in enumerate(crops)]
+      crops = [mixed for mixed, _ in draws]
+      features['kept_channels'] = tf.stack([keep for _, keep in draws])
+    features['patches'] = tf.stack(crops)
+    if not cfg.device_preprocessing:
+      features = self.device_inputs(features, {}, on_host=True)[0]
     return features, {'label': geometry['label']}
+
+  def device_inputs(self, features, labels, on_host=False):
+    """Each patch's colour dropping normalization (or harmonized lightness)
+    and VGG preprocessing: inside the compiled step with
+    device_preprocessing, else per example in the input pipeline."""
+    if not (on_host or self.config.device_preprocessing):
+      return features, labels
+    features = dict(features)
+    patch = tf.cast(features['patches'], tf.float32)
+    if self.config.harmonize:
+      patch = color.lightness_as_rgb(patch,
+                                     fast=self.config.fast_preprocessing)
+    else:
+      patch = normalize_color_drop(patch, features.pop('kept_channels'))
+    features['patches'] = preprocessing.vgg_preprocess(patch)
+    return features, labels
 
   def make_dataset(self, source, batch_size, seed, start=0):
     counter = source.counter
