@@ -9,7 +9,9 @@ written as JPEG files in a folder and as shards of that folder
 (tools/make_shards.py's library). Rows:
 
   decode   the source's (index, image) stream alone
-  rp, col  the task's whole batched pipeline (CPU preset settings)
+  rp, col, ex  the task's whole batched pipeline (CPU preset settings)
+  rp/device, col/device, ex/device  the host's share with the task's
+           device_preprocessing on (the rest runs in the compiled step)
 
 each on one tf.data thread (examples per second of wall time, and per second
 of CPU time, the figure least affected by other jobs on the machine), and
@@ -18,7 +20,8 @@ and 10^12. Then rp, col and ex from the shards in this process on every
 core (tf.data's defaults) against the same pipelines on a tf.data service
 of 1 and 2 local worker processes (--service_workers), with the CPU seconds
 those processes spent; and the host cores one H200 needs at the compiled
-steps' rates (COMPILED_STEP_RATES) from the one-thread examples per CPU-s.
+steps' rates (COMPILED_STEP_RATES) from the one-thread examples per CPU-s,
+with host and with device preprocessing.
 Writes OUTPUT.json and OUTPUT.md; timings are reported, never asserted.
 """
 
@@ -126,14 +129,18 @@ def main(argv) -> int:
   specs = {'folder': 'folder:' + folder, 'tfrecord': 'tfrecord:' + shards}
   batch = 8
   rows = []
-  for what in ('decode', 'rp', 'col', 'ex'):
+  for what in ('decode', 'rp', 'col', 'ex', 'rp/device', 'col/device',
+               'ex/device'):
     for kind, spec in specs.items():
       source = sources.make_image_source(spec)
       if what == 'decode':
         ds = source.images(0).batch(batch)
       else:
-        cls = tasks_lib.get_task_class(what)
-        task = cls(cls.config_class(**dict(cls.cpu_overrides, batch_size=batch)))
+        name, _, device = what.partition('/')
+        cls = tasks_lib.get_task_class(name)
+        task = cls(cls.config_class(**dict(
+            cls.cpu_overrides, batch_size=batch,
+            device_preprocessing=bool(device))))
         ds = task.make_dataset(source, batch, seed=0)
       rate = pipelines.time_pipeline(pipelines.with_threads(ds, 1), batch,
                                      warmup=2, batches=_BATCHES.value)
@@ -173,11 +180,12 @@ def main(argv) -> int:
       print(served[-1], flush=True)
   per_core = {r['pipeline']: r['examples_per_cpu_s'] for r in rows
               if r['source'] == 'tfrecord'}
-  cores = {name: {'compiled_step_examples_per_s': rate,
-                  'examples_per_cpu_s': per_core.get(name),
-                  'host_cores': round(rate / per_core[name], 1)
-                  if per_core.get(name) else None}
-           for name, rate in COMPILED_STEP_RATES.items()}
+  cores = {what: {'compiled_step_examples_per_s': rate,
+                  'examples_per_cpu_s': per_core.get(what),
+                  'host_cores': round(rate / per_core[what], 1)
+                  if per_core.get(what) else None}
+           for name, rate in COMPILED_STEP_RATES.items()
+           for what in (name, name + '/device')}
   report = {'machine': platform.processor() or platform.machine(),
             'cpus': os.cpu_count(), 'load_average': os.getloadavg(),
             'tensorflow': tf.__version__, 'images': _IMAGES.value,
@@ -205,8 +213,9 @@ def main(argv) -> int:
               'service CPU-s per example |', '|---|---|---|---|']
     lines += [f'| {r["pipeline"]} | {r["where"]} | {r["examples_per_s"]} | '
               f'{r.get("service_cpu_s_per_example", "")} |' for r in served]
-    lines += ['', '| task | compiled step on one H200 (examples/s) | host '
-              'examples per CPU-s | host cores per H200 |', '|---|---|---|---|']
+    lines += ['', '| task (/device: device preprocessing) | compiled step on '
+              'one H200 (examples/s) | host examples per CPU-s | host cores '
+              'per H200 |', '|---|---|---|---|']
     lines += [f'| {n} | {c["compiled_step_examples_per_s"]:.0f} | '
               f'{c["examples_per_cpu_s"]} | {c["host_cores"]} |'
               for n, c in cores.items()]

@@ -136,13 +136,14 @@ class PipelineBenchmarkTest(tf.test.TestCase):
     rows = pipelines.benchmark_pipelines(
         settings.task_configs, batch_size=2, batches=1, warmup_batches=1,
         num_images=2, image_size=(64, 80), encodings=('memory', 'jpeg'),
-        reference_examples=2, variants=('fast', 'plain'),
+        reference_examples=2, variants=('fast', 'plain', 'device'),
         target_rates={'col': 100.0}, log=lambda _: 0)
     keys = {(r['task'], r['variant'], r['input']) for r in rows}
-    # ms has no fast/plain variants.
+    # ms has no fast/plain/device variants.
     self.assertEqual(keys, {('col', 'fast', 'memory'), ('col', 'fast', 'jpeg'),
                             ('col', 'plain', 'memory'),
-                            ('col', 'plain', 'jpeg'), ('ms', '-', 'memory'),
+                            ('col', 'plain', 'jpeg'), ('col', 'device', 'memory'),
+                            ('col', 'device', 'jpeg'), ('ms', '-', 'memory'),
                             ('ms', '-', 'jpeg')})
     for row in rows:
       self.assertGreater(row['per_core_examples_per_s'], 0)

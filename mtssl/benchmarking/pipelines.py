@@ -164,7 +164,8 @@ def benchmark_pipelines(task_configs: Mapping[str, tasks_lib.TaskConfig],
   """Rows of pipeline measurements: one per task, variant and input encoding.
 
   Variants: `fast` is the task config as given; `plain` turns the task's
-  `fast_preprocessing` off (tasks without it have only the one variant).
+  `fast_preprocessing` off; `device` turns `device_preprocessing` on (the
+  host's share; tasks without the setting have only the variants they can).
   """
   from mtssl.benchmarking import reference_pipelines  # pylint: disable=g-import-not-at-top
   threads = threads or environment.cpu_cores()
@@ -172,19 +173,18 @@ def benchmark_pipelines(task_configs: Mapping[str, tasks_lib.TaskConfig],
   for name, config in task_configs.items():
     config = dataclasses.replace(config, batch_size=batch_size)
     has_variants = hasattr(config, 'fast_preprocessing')
+    switches = {'plain': {'fast_preprocessing': False},
+                'device': {'device_preprocessing': True}}
     images, labels = pipeline_data(make_task(name, config), num_images,
                                    image_size, seed)
     reference = reference_pipelines.measure(
         name, make_task(name, config), images, labels, reference_examples,
         seed)
     for variant, encoding in itertools.product(variants, encodings):
-      if variant == 'plain':
-        if not has_variants:
-          continue
-        task = make_task(name, dataclasses.replace(config,
-                                                   fast_preprocessing=False))
-      else:
-        task = make_task(name, config)
+      change = switches.get(variant, {})
+      if not all(hasattr(config, field) for field in change):
+        continue
+      task = make_task(name, dataclasses.replace(config, **change))
       encoded = encoding == 'jpeg'
       source = memory_source(task, images, labels, encoded)
       row = {'kind': 'pipeline', 'task': name, 'input': encoding,

@@ -69,7 +69,9 @@ def _pipeline_lines(pipes, target):
            'NumPy/OpenCV on one thread '
            '(mtssl/benchmarking/reference_pipelines.py); speed-up: 1-thread '
            'examples per CPU-second over the reference\'s. Variant `plain`: '
-           'the task\'s fast_preprocessing off. Cores for target: CPU cores '
+           'the task\'s fast_preprocessing off; `device`: its '
+           'device_preprocessing on (the host\'s share; the reference '
+           'is the whole host path). Cores for target: CPU cores '
            f'the pipeline needs for the training rate of {target}.', '',
            '| task | variant | input | batch | 1 thread ex/s | ex/CPU-s | '
            'all cores ex/s | reference ex/CPU-s | speed-up | '

@@ -19,7 +19,7 @@ from mtssl.configs.base import ConfigError
 WHAT = ('steps', 'pipelines', 'all')
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 PIPELINE_INPUTS = ('memory', 'jpeg')
-PIPELINE_VARIANTS = ('fast', 'plain')
+PIPELINE_VARIANTS = ('fast', 'plain', 'device')
 _TRUE = ('true', '1', 'on', 'yes')
 _FALSE = ('false', '0', 'off', 'no')
 
@@ -164,8 +164,9 @@ class PipelineOptions:
       PIPELINE_INPUTS, 'memory (decoded) and/or jpeg (decoded in the '
       'pipeline)')
   variants: Tuple[str, ...] = base.field(
-      PIPELINE_VARIANTS, 'fast (the task configs as given) and/or plain '
-      '(fast_preprocessing off)')
+      PIPELINE_VARIANTS, 'fast (the task configs as given), plain '
+      '(fast_preprocessing off) and/or device (device_preprocessing on: the '
+      'host\'s share of the work)')
 
   def validate(self):
     for name in ('batch_size', 'batches', 'images'):
