@@ -160,14 +160,18 @@ def main(argv):
       logging.info('Cluster run: %s', plan.task_workers)
     else:
       trainer = trainer_lib.Trainer(config)
+    on_device = [n for n, r in config.tasks.items()
+                 if getattr(r.config, 'device_preprocessing', False)]
     logging.info(
         'Tasks %s (batch %s), trunk %s at output stride %d, precision %s, '
-        'XLA %s, atrous %s, on %s; model_dir %s', ','.join(config.tasks),
+        'XLA %s, atrous %s, preprocessing in the step for %s, on %s; '
+        'model_dir %s', ','.join(config.tasks),
         ','.join(str(r.config.batch_size) for r in config.tasks.values()),
         config.trunk, config.output_stride, config.mixed_precision,
         'on' if config.xla else 'off',
         'native' if config.native_atrous else 'space-to-batch',
-        'GPU' if _has_gpu() else 'CPU', config.model_dir)
+        ','.join(on_device) or 'none', 'GPU' if _has_gpu() else 'CPU',
+        config.model_dir)
     trainer.setup()
   except (configs.ConfigError, sources_lib.DataSourceError) as e:
     print(f'error: {e}', file=sys.stderr)

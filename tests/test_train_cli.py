@@ -81,6 +81,10 @@ class FlagsTest(tf.test.TestCase, parameterized.TestCase):
                      ('bf16', True, False))
     self.assertEqual({n: r.config.batch_size for n, r in gpu.tasks.items()},
                      {'rp': 256, 'col': 64, 'ex': 64, 'ms': 16})
+    self.assertEqual(
+        {n for n, r in gpu.tasks.items()
+         if getattr(r.config, 'device_preprocessing', False)},
+        {'rp', 'col', 'ex'})
     cpu = configs.paper_config()
     self.assertEqual((cpu.mixed_precision, cpu.xla), ('none', False))
     self.assertEqual(configs.cpu_config(gpu=True), configs.cpu_config())

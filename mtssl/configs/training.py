@@ -271,17 +271,17 @@ def paper_config(tasks: Optional[Sequence[str]] = None,
   """The paper's configuration: ResNet-v2-101, 16.8 K K40 GPU-hours.
 
   With `gpu` (a GPU is present), the compiled fast path: bf16 mixed precision,
-  XLA, the space-to-batch atrous form, and each task's GPU batch size.
+  XLA, the space-to-batch atrous form, and each task's `gpu_overrides` (its
+  GPU batch size, preprocessing in the compiled step).
   """
   runs = _task_runs(tasks or PAPER_TASKS)
   fast = {}
   if gpu:
     fast = dict(mixed_precision='bf16', xla=True, native_atrous=False)
     for name, run in runs.items():
-      batch = tasks_lib.get_task_class(name).gpu_batch_size
-      if batch:
-        runs[name] = dataclasses.replace(
-            run, config=dataclasses.replace(run.config, batch_size=batch))
+      overrides = tasks_lib.get_task_class(name).gpu_overrides
+      runs[name] = dataclasses.replace(
+          run, config=dataclasses.replace(run.config, **overrides))
   return TrainConfig(
       tasks=runs,
       **fast,

@@ -52,9 +52,10 @@ class Task(abc.ABC):
   head_fields: ClassVar[Tuple[str, ...]] = ()
   # Trunk inputs per example of the paper's setting: (count, (height, width)).
   paper_trunk_inputs: ClassVar[Optional[Tuple[int, Tuple[int, int]]]] = None
-  # Batch size of the paper preset on a GPU: the batch whose compiled bf16
-  # step was measured on an H200 (BUILD.md, "GPU preset").
-  gpu_batch_size: ClassVar[Optional[int]] = None
+  # Config values of the paper preset on a GPU: the batch whose compiled bf16
+  # step was measured on an H200 (BUILD.md, "GPU preset") and preprocessing
+  # in the compiled step where the task offers it.
+  gpu_overrides: ClassVar[Dict[str, Any]] = {}
   # 'image' (an ImageSource) or 'video' (frames with motion labels).
   input_kind: ClassVar[str] = 'image'
 

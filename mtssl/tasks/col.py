@@ -214,7 +214,7 @@ class ColorizationTask(base.Task):
   paper_epoch_gpu_hours = 90.0
   cpu_overrides = {'head_widths': (256, 256)}
   paper_trunk_inputs = (1, (256, 256))
-  gpu_batch_size = 64
+  gpu_overrides = {'batch_size': 64, 'device_preprocessing': True}
   head_fields = ('image_size', 'head_widths', 'target_stride')
 
   def paper_head_gmacs(self, trunk_images):

@@ -265,7 +265,7 @@ class ExemplarTask(base.Task):
   paper_epoch_gpu_hours = 60.0
   cpu_overrides = {'unit_depths': (128, 64), 'unit_bottleneck': 32}
   paper_trunk_inputs = (3, (96, 96))
-  gpu_batch_size = 64
+  gpu_overrides = {'batch_size': 64, 'device_preprocessing': True}
   head_fields = ('patch_size', 'unit_depths', 'unit_bottleneck')
 
   def paper_head_gmacs(self, trunk_images):

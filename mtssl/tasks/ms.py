@@ -101,7 +101,7 @@ class MotionSegmentationTask(base.Task):
   config_class = MsConfig
   cpu_overrides = {'head_widths': (256, 256)}
   paper_trunk_inputs = (1, (240, 320))
-  gpu_batch_size = 16
+  gpu_overrides = {'batch_size': 16}
   head_fields = ('frame_height', 'frame_width', 'head_widths')
   input_kind = 'video'
 

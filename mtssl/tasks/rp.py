@@ -321,7 +321,7 @@ class RelativePositionTask(base.Task):
   cpu_overrides = {'unit_depths': (128, 64), 'unit_bottleneck': 32,
                    'fc_bottleneck': 128}
   paper_trunk_inputs = (2, (96, 96))
-  gpu_batch_size = 256
+  gpu_overrides = {'batch_size': 256, 'device_preprocessing': True}
   head_fields = ('patch_size', 'unit_depths', 'unit_bottleneck', 'fc_depth',
                  'fc_bottleneck', 'num_fc_units')
 
