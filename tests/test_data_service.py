@@ -3,6 +3,7 @@ col from tfrecord shards to a short training run, which goes on when a third
 worker process is killed; the local cluster launcher's service feeds a
 worker group; bad setups fail by name, quickly."""
 
+import dataclasses
 import json
 import os
 import re
@@ -90,18 +91,24 @@ class DataServiceTest(tf.test.TestCase):
     cls.server.wait(timeout=30)
     super().tearDownClass()
 
-  def test_rp_trains_from_two_workers(self):
+  def test_rp_and_col_train_from_two_workers(self):
+    # col with its preprocessing in the step: the workers send crops (their
+    # grayscale test reads the colour table, a constant of the graph).
     cfg = make_config(os.path.join(self.get_temp_dir(), 'run'),
-                      'tfrecord:' + self.shards, tasks=('rp',),
+                      'tfrecord:' + self.shards, steps=4,
                       data_service=f'grpc://localhost:{self.port}')
+    cfg.tasks['col'] = dataclasses.replace(cfg.tasks['col'], config=(
+        dataclasses.replace(cfg.tasks['col'].config,
+                            device_preprocessing=True)))
     trainer = trainer_lib.Trainer(cfg)
     result = trainer.train()
-    self.assertEqual(result['task_steps'], {'rp': 2})
+    self.assertEqual(result['task_steps'], {'rp': 2, 'col': 2})
     # Decode statuses came back with the batches (every example counted, 'ok'
     # or converted) although no Python ran on the workers.
-    counts = trainer.sources['rp'].counter.snapshot()
-    self.assertGreaterEqual(sum(counts.values()), 4)
-    self.assertGreater(int(trainer.state.positions['rp'].numpy()), 0)
+    for name in ('rp', 'col'):
+      counts = trainer.sources[name].counter.snapshot()
+      self.assertGreaterEqual(sum(counts.values()), 4, msg=name)
+      self.assertGreater(int(trainer.state.positions[name].numpy()), 0)
 
   def test_training_goes_on_when_a_worker_is_killed(self):
     # A third worker, in its own process, joins the dispatcher; it is killed
