@@ -143,13 +143,18 @@ def decode_rgb(data) -> Tuple[tf.Tensor, tf.Tensor]:
   """uint8 [H, W, 3] and its status code, as sources.decode_image_bytes.
 
   16-bit images keep their high byte, grayscale is replicated to RGB, alpha
-  is composited over white (what the folder source gives for the same file).
-  Raises (inside tf.data) on data TensorFlow cannot decode.
+  is composited over white: the folder source's pixels for the same file
+  (JPEG too: libjpeg's accurate integer DCT, OpenCV's default, not
+  TensorFlow's default fast one). Raises (inside tf.data) on data TensorFlow
+  cannot decode.
   """
   png = tf.equal(tf.strings.substr(data, 0, 8), b'\x89PNG\r\n\x1a\n')
   sixteen = png & tf.equal(tf.strings.substr(data, 24, 1), b'\x10')
-  image = tf.io.decode_image(data, channels=0, dtype=tf.uint8,
-                             expand_animations=False)
+  jpeg = tf.equal(tf.strings.substr(data, 0, 2), b'\xff\xd8')
+  image = tf.cond(
+      jpeg, lambda: tf.io.decode_jpeg(data, dct_method='INTEGER_ACCURATE'),
+      lambda: tf.io.decode_image(data, channels=0, dtype=tf.uint8,
+                                 expand_animations=False))
   channels = tf.shape(image)[-1]
   color = tf.cond(channels >= 3, lambda: image[..., :3],
                   lambda: tf.repeat(image[..., :1], 3, axis=-1))
