@@ -39,8 +39,9 @@ def main(argv, flag_values=flags.FLAGS) -> int:
     if config.dispatcher:
       host, port = service.parse_address(config.dispatcher)
     else:
-      dispatcher = service_lib.DispatchServer(
-          service_lib.DispatcherConfig(port=config.port))
+      dispatcher = service_lib.DispatchServer(service_lib.DispatcherConfig(
+          port=config.port, work_dir=config.work_dir,
+          fault_tolerant_mode=bool(config.work_dir)))
       host, port = 'localhost', int(dispatcher.target.rsplit(':', 1)[1])
     workers = [service_lib.WorkerServer(service_lib.WorkerConfig(
         dispatcher_address=f'{host}:{port}',

@@ -199,6 +199,70 @@ class DataServiceTest(tf.test.TestCase):
                                 r'rp_data=synthetic\(256x256\): .*numpy_function'):
       trainer_lib.Trainer(cfg).setup()
 
+  def test_training_goes_on_through_a_journaled_dispatcher_restart(self):
+    # A dispatcher with a journal (--work_dir) and a worker, each its own
+    # process. The dispatcher is killed after step 2 and started again on
+    # the same port and journal; the run trains on (the worker keeps serving
+    # meanwhile) and keeps going once the clients talk to the new dispatcher.
+    port = free_port()
+    journal = ['--workers=0', f'--port={port}',
+               f'--work_dir={os.path.join(self.get_temp_dir(), "journal")}']
+    dispatchers = [start_service(*journal)]
+    self.addCleanup(lambda: [p.kill() for p in dispatchers])
+    worker = start_service(f'--dispatcher=localhost:{port}', '--workers=1')
+    self.addCleanup(worker.kill)
+    cfg = make_config(os.path.join(self.get_temp_dir(), 'run'),
+                      'tfrecord:' + self.shards, steps=10000, tasks=('rp',),
+                      data_service=f'grpc://localhost:{port}', log_every=1)
+    trainer = trainer_lib.Trainer(cfg).setup()
+    restarted_at = []
+    done = threading.Event()
+
+    def restart_then_stop():
+      step = lambda: int(trainer.state.global_step.numpy())
+      while step() < 2 and not done.is_set():
+        time.sleep(0.01)
+      dispatchers[0].kill()
+      dispatchers[0].wait()
+      dispatchers.append(start_service(*journal))
+      restarted_at.append(step())
+      # Clients heartbeat every second: 3 s and 3 steps on the new one.
+      deadline = time.time() + 3
+      while not done.is_set() and (step() < restarted_at[0] + 3
+                                   or time.time() < deadline):
+        time.sleep(0.01)
+      trainer.request_stop()
+
+    thread = threading.Thread(target=restart_then_stop)
+    thread.start()
+    try:
+      with self.assertLogs('absl', level='INFO') as logs:
+        result = trainer.train()
+    finally:
+      done.set()
+      thread.join()
+    self.assertLen(restarted_at, 1)
+    self.assertGreaterEqual(result['global_step'], restarted_at[0] + 3)
+    losses = {int(m.group(1)): float(m.group(2)) for m in re.finditer(
+        r'\[(\d+)/\d+\] rp \d+ st loss (\S+)', '\n'.join(logs.output))}
+    after = [loss for step, loss in losses.items() if step > restarted_at[0]]
+    self.assertGreaterEqual(len(after), 3, msg=losses)
+    self.assertTrue(all(np.isfinite(after)), msg=losses)
+
+  def test_a_job_lost_to_a_restart_is_a_named_error(self):
+    # Measured with real processes: a dispatcher restarted without a journal
+    # answers the client's next heartbeat with this NotFoundError.
+    lost = tf.errors.NotFoundError(
+        None, None, 'Failed to get tasks: Unknown iteration client id 3000. '
+        'The dispatcher is not configured to be fault tolerant, so this '
+        'could be caused by a dispatcher restart.')
+    with self.assertRaisesRegex(service.DataServiceError,
+                                r'rp: .*localhost:5050 was restarted without '
+                                r'a journal.*--work_dir'):
+      service.raise_if_job_lost(lost, 'rp', 'grpc://localhost:5050')
+    service.raise_if_job_lost(tf.errors.NotFoundError(None, None, 'other'),
+                              'rp', 'grpc://localhost:5050')
+
   def test_bad_address_is_a_config_error(self):
     cfg = make_config(os.path.join(self.get_temp_dir(), 'run'), 'synthetic',
                       data_service='localhost')

@@ -68,6 +68,19 @@ def check_servable(task: str, source) -> None:
         f'serve tfrecord: shards (tools/make_shards.py) instead.')
 
 
+def raise_if_job_lost(error: Exception, task: str, address: str) -> None:
+  """Re-raises tf.data's error for a dispatcher that lost the job (restarted
+  without a journal) as a DataServiceError that says what to do."""
+  if (isinstance(error, tf.errors.NotFoundError)
+      and 'iteration client id' in str(error)):
+    raise DataServiceError(
+        f'{task}: the data service dispatcher {address} was restarted '
+        f'without a journal and no longer knows this run\'s job. Rerun the '
+        f'command to resume from the last checkpoint (a new job), and start '
+        f'the dispatcher with --work_dir=DIR so that a restart keeps its '
+        f'jobs.') from None
+
+
 def job_name(task: str, seed: int, start: int) -> str:
   return f'mtssl-{task}-seed{seed}-from{start}'
 

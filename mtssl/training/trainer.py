@@ -133,6 +133,9 @@ class Trainer:
       batch = next(self.iterators[name])
     except tf.errors.OpError as e:
       sources_lib.raise_if_stalled(e, self.sources[name].counter)
+      address = self.config.data_service_for(name)
+      if address:
+        service.raise_if_job_lost(e, name, address)
       raise
     problems.take_counts(batch[0], self.sources[name].counter)
     return batch
