@@ -71,6 +71,21 @@ def start_service(*flags):
   raise RuntimeError(f'the data service did not start: {line!r}')
 
 
+def train_beside(trainer, action, done):
+  """(result, {logged step: rp loss}) of `trainer.train()` while `action`
+  runs in a thread; `done` is set when training ends."""
+  thread = threading.Thread(target=action)
+  thread.start()
+  try:
+    with tf.test.TestCase().assertLogs('absl', level='INFO') as logs:
+      result = trainer.train()
+  finally:
+    done.set()
+    thread.join()
+  return result, {int(m.group(1)): float(m.group(2)) for m in re.finditer(
+      r'\[(\d+)/\d+\] rp \d+ st loss (\S+)', '\n'.join(logs.output))}
+
+
 class DataServiceTest(tf.test.TestCase):
 
   @classmethod
@@ -134,21 +149,12 @@ class DataServiceTest(tf.test.TestCase):
           return
         time.sleep(0.01)
 
-    killer = threading.Thread(target=kill_after_two_steps)
-    killer.start()
-    try:
-      with self.assertLogs('absl', level='INFO') as logs:
-        result = trainer.train()
-    finally:
-      done.set()
-      killer.join()
+    result, losses = train_beside(trainer, kill_after_two_steps, done)
     self.assertLen(killed_at, 1)
     self.assertLess(killed_at[0], steps)
     self.assertEqual(result['task_steps'], {'rp': steps})
-    losses = {int(m.group(1)): float(m.group(2)) for m in re.finditer(
-        r'\[(\d+)/\d+\] rp \d+ st loss (\S+)', '\n'.join(logs.output))}
     after = [loss for step, loss in losses.items() if step > killed_at[0]]
-    self.assertNotEmpty(after, msg=logs.output)
+    self.assertNotEmpty(after, msg=losses)
     self.assertTrue(all(np.isfinite(after)), msg=losses)
 
   def test_col_off_mode_on_a_worker_gives_the_local_batches(self):
@@ -233,18 +239,9 @@ class DataServiceTest(tf.test.TestCase):
         time.sleep(0.01)
       trainer.request_stop()
 
-    thread = threading.Thread(target=restart_then_stop)
-    thread.start()
-    try:
-      with self.assertLogs('absl', level='INFO') as logs:
-        result = trainer.train()
-    finally:
-      done.set()
-      thread.join()
+    result, losses = train_beside(trainer, restart_then_stop, done)
     self.assertLen(restarted_at, 1)
     self.assertGreaterEqual(result['global_step'], restarted_at[0] + 3)
-    losses = {int(m.group(1)): float(m.group(2)) for m in re.finditer(
-        r'\[(\d+)/\d+\] rp \d+ st loss (\S+)', '\n'.join(logs.output))}
     after = [loss for step, loss in losses.items() if step > restarted_at[0]]
     self.assertGreaterEqual(len(after), 3, msg=losses)
     self.assertTrue(all(np.isfinite(after)), msg=losses)
