@@ -243,6 +243,38 @@ class TfrecordSourceTest(tf.test.TestCase):
     self.assertGreaterEqual(counts['skipped_corrupt'], 2)
 
 
+class TfdsShardsTest(tf.test.TestCase):
+  """A whole TFDS split prepared as TFRecord files is read as shards."""
+
+  def test_prepared_split_is_read_by_record_index(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    from tests import eval_fixtures  # pylint: disable=g-import-not-at-top
+    data_dir = eval_fixtures.prepare_tiny_tfds(self.get_temp_dir())
+    name = eval_fixtures.TINY_TFDS_NAME
+    source = sources.make_image_source(f'tfds:{name}:train',
+                                       tfds_data_dir=data_dir)
+    self.assertIsInstance(source, image_records.TfrecordImageSource)
+    self.assertEqual(source.name, f'tfds:{name}:train')
+    self.assertTrue(problems.is_graph_only(source))
+    # One epoch is every image of the split once, with TFDS's own pixels.
+    want = sorted(example['image'].tobytes() for example in tfds.as_numpy(
+        tfds.load(name, split='train', data_dir=data_dir)))
+    epoch = stream(source, seed=2, start=0, n=len(want) + 5)
+    self.assertEqual(sorted(image.tobytes()
+                            for _, image, _ in epoch[:len(want)]), want)
+    resumed = stream(source, seed=2, start=len(want) + 1, n=4)
+    for (k, a, _), (j, b, _) in zip(resumed, epoch[len(want) + 1:]):
+      self.assertEqual(k, j)
+      self.assertAllEqual(a, b)
+    # The offsets were kept beside the split's file for the next reader.
+    self.assertTrue(all(os.path.isfile(f + image_records.INDEX_SUFFIX)
+                        for f in source.index[0]))
+    # A slice of a split is read through tfds.
+    self.assertIsInstance(sources.make_image_source(
+        f'tfds:{name}:train[:50%]', tfds_data_dir=data_dir),
+                          sources.TfdsImageSource)
+
+
 class ResumeThroughTrainerTest(tf.test.TestCase):
 
   def test_resumed_run_takes_the_next_example_of_the_uninterrupted_run(self):

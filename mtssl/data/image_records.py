@@ -65,14 +65,22 @@ def write_index(shard: str, offsets: np.ndarray) -> None:
   io_utils.atomic_write_bytes(shard + INDEX_SUFFIX, data.tobytes())
 
 
-def load_offsets(shard: str) -> Tuple[np.ndarray, int]:
-  """(offsets, trailing bytes): from the index file when it matches the shard."""
+def load_offsets(shard: str, keep: bool = False) -> Tuple[np.ndarray, int]:
+  """(offsets, trailing bytes): from the index file when it matches the shard,
+  else from the record headers; `keep` writes that index beside a complete
+  shard for the next reader (where the folder is writable)."""
   path = shard + INDEX_SUFFIX
   if os.path.isfile(path):
     data = np.fromfile(path, '<i8')
     if data.size and data[0] == os.path.getsize(shard):
       return data[1:].astype(np.int64), 0
-  return scan_offsets(shard)
+  offsets, trailing = scan_offsets(shard)
+  if keep and not trailing:
+    try:
+      write_index(shard, offsets)
+    except OSError:
+      pass  # A read-only dataset folder: scanned again next time.
+  return offsets, trailing
 
 
 def find_shards(spec: str) -> List[str]:
@@ -174,14 +182,14 @@ def decode_rgb(data) -> Tuple[tf.Tensor, tf.Tensor]:
   return rgb, status
 
 
-def parse_image(record) -> tf.Tensor:
+def parse_image(record, image_key: str = IMAGE_KEY) -> tf.Tensor:
   return tf.io.parse_single_example(record, {
-      IMAGE_KEY: tf.io.FixedLenFeature([], tf.string, default_value=''),
-  })[IMAGE_KEY]
+      image_key: tf.io.FixedLenFeature([], tf.string, default_value=''),
+  })[image_key]
 
 
-def _decode_record(record):
-  data = parse_image(record)
+def _decode_record(record, image_key: str = IMAGE_KEY):
+  data = parse_image(record, image_key)
   status = header_status(data)
   return tf.cond(tf.equal(status, sources.OK), lambda: decode_rgb(data),
                  lambda: (tf.zeros([1, 1, 3], tf.uint8), status))
@@ -192,19 +200,30 @@ def _unreadable():
       (tf.zeros([1, 1, 3], tf.uint8), tf.constant(sources.CORRUPT)))
 
 
-def decoded_record(filename, offset) -> tf.data.Dataset:
+def decoded_record(filename, offset,
+                   image_key: str = IMAGE_KEY) -> tf.data.Dataset:
   """One (uint8 [H, W, 3], status): the record's image, or a skip status."""
-  ds = read_record(filename, offset).map(_decode_record).ignore_errors()
+  ds = read_record(filename, offset).map(
+      lambda record: _decode_record(record, image_key)).ignore_errors()
   return ds.concatenate(_unreadable()).take(1)
 
 
 class TfrecordImageSource(sources.ImageSource):
-  """Images of tf.train.Example shards, read by record index in graph ops."""
+  """Images of tf.train.Example shards, read by record index in graph ops.
 
-  def __init__(self, path: str, cycle_length: int = 16):
-    super().__init__(f'tfrecord:{path}')
+  `files` (a list of TFRecord files, read in that order) replaces the glob
+  `path`; `image_key` names the feature holding the encoded image; `name`
+  defaults to tfrecord:PATH.
+  """
+
+  def __init__(self, path: str, cycle_length: int = 16,
+               files: Optional[List[str]] = None,
+               image_key: str = IMAGE_KEY, name: Optional[str] = None):
+    super().__init__(name or f'tfrecord:{path}')
     self.path = path
     self.cycle_length = cycle_length
+    self.image_key = image_key
+    self._files = files
     self.counter = problems.ProblemCounter(self.name)
     self._index: Optional[Tuple[List[str], np.ndarray, np.ndarray]] = None
 
@@ -212,14 +231,14 @@ class TfrecordImageSource(sources.ImageSource):
   def index(self):
     """(shard files, file id per record, byte offset per record)."""
     if self._index is None:
-      files = find_shards(self.path)
+      files = self._files or find_shards(self.path)
       if not files:
         raise sources.DataSourceError(
             f'No TFRecord shards at {self.path!r} (a directory or a glob). '
             f'Make them from a folder with tools/make_shards.py.')
       ids, offsets = [], []
       for fid, shard in enumerate(files):
-        found, trailing = load_offsets(shard)
+        found, trailing = load_offsets(shard, keep=self._files is not None)
         if trailing:
           self.counter.add('truncated_shard')
         ids.append(np.full(found.shape, fid, np.int32))
@@ -250,8 +269,9 @@ class TfrecordImageSource(sources.ImageSource):
 
     def _element(k):
       i = sources._epoch_permutation_index(k, n, seed)  # pylint: disable=protected-access
-      return decoded_record(files[file_ids[i]], offsets[i]).map(
-          lambda image, status: (k, image, status))
+      return decoded_record(files[file_ids[i]], offsets[i],
+                            self.image_key).map(
+                                lambda image, status: (k, image, status))
 
     ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max).interleave(
         _element, cycle_length=self.cycle_length, block_length=1,

@@ -1,5 +1,8 @@
 """Image sources of every task: `synthetic`, `folder:/path`, `tfds:NAME[:SPLIT]`.
 
+A whole TFDS split prepared as TFRecord files is read as `tfrecord:` shards
+(`TfdsImageSource.as_shards`); other TFDS splits go through tfds.
+
 A source is a position-addressed stream of RGB uint8 images (element k
 fixed by (seed, k)). Undecodable or converted images are counted by reason
 in its `SkipCounter`; an empty or missing source is a `DataSourceError`
@@ -440,6 +443,31 @@ class TfdsImageSource(ImageSource):
           f'TFDS dataset {self.dataset!r} has no feature {self.image_key!r}; '
           f'it has {sorted(builder.info.features)}.')
 
+  def as_shards(self):
+    """The prepared split's TFRecord files as a `tfrecord:` source (graph
+    ops only, random access: a stream starts at any position at once), or
+    None where that cannot be: a split slice ('train[:10%]'), another file
+    format, an image feature that is not one encoded image, or a dataset
+    that is not prepared (validate() then says so)."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    if '[' in self.split:
+      return None
+    try:
+      self.validate()
+    except DataSourceError:
+      return None
+    info = self._builder().info
+    feature = info.features[self.image_key]
+    if (info.file_format != tfds.core.file_adapters.FileFormat.TFRECORD
+        or not isinstance(feature, tfds.features.Image)):
+      return None
+    files = [os.fspath(p) for p in info.splits[self.split].filepaths]
+    if not all(os.path.isfile(f) for f in files):
+      return None
+    from mtssl.data import image_records  # pylint: disable=g-import-not-at-top
+    return image_records.TfrecordImageSource(
+        self.name, files=files, image_key=self.image_key, name=self.name)
+
   def records(self, seed, start=0, decoders=None):
     """Endless, seeded record stream (images left encoded), from `start`."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -486,7 +514,8 @@ def make_image_source(spec: str, tfds_data_dir: Optional[str] = None,
     return FolderImageSource(os.path.expanduser(rest))
   if kind == 'tfds' and rest:
     name, _, split = rest.partition(':')
-    return TfdsImageSource(name, split or 'train', data_dir=tfds_data_dir)
+    source = TfdsImageSource(name, split or 'train', data_dir=tfds_data_dir)
+    return source.as_shards() or source
   if kind == 'tfrecord' and rest:
     from mtssl.data import image_records  # pylint: disable=g-import-not-at-top
     return image_records.TfrecordImageSource(rest)
