@@ -11,6 +11,8 @@ from mtssl.models import multitask as model_lib
 from mtssl.training import optimizers
 from mtssl.backbones import resnet_v2
 from mtssl.data import motion_sources
+from mtssl.data import problems as problems_lib
+from mtssl.data import service
 from mtssl.data import sources
 from mtssl.data import synthetic_video
 from mtssl.motion import labels as labels_lib
@@ -130,6 +132,14 @@ class MsTaskTest(tf.test.TestCase):
     # Position-addressed: starting at k reproduces the stream from k.
     self.assertEqual(frame_indices(5, n), [e for e in epoch if e[0] >= 5])
     self.assertEqual(frame_indices(0, n), epoch)
+    # The task's pipeline runs no Python (a tf.data service worker can run
+    # it), and its batches carry the counts to the consumer.
+    dataset = task.make_dataset(source, 1, seed=3)
+    graph = dataset.take(1)._as_serialized_graph()  # pylint: disable=protected-access
+    self.assertNotIn(b'PyFunc', graph.numpy())
+    service.check_servable('ms', source)
+    features, _ = next(iter(dataset))
+    self.assertIn(problems_lib.PROBLEMS_KEY, features)
 
   def test_tfrecord_labels_are_resampled_to_the_task_size(self):
     root = os.path.join(self.get_temp_dir(), 'resample')

@@ -276,32 +276,13 @@ class TfrecordImageSource(sources.ImageSource):
     ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max).interleave(
         _element, cycle_length=self.cycle_length, block_length=1,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-    def _carry(pending, element):
-      k, image, status = element
-      counts = pending + counter.one_hot(status)
-      ok = tf.reduce_all(tf.not_equal(status, sources.SKIPPED))
-      return (tf.where(ok, counter.zeros(), counts), (k, image, counts, ok))
-
-    ds = ds.scan(counter.zeros(), _carry)
-    ds = ds.filter(lambda k, image, counts, ok: ok)
-    return ds.map(lambda k, image, counts, ok: (k, image, counts))
+    return problems.carry_counts(ds, counter, sources.SKIPPED)
 
   def images(self, seed, start=0):
     """(index, image); counts go to the counter through numpy_function (use
     `counted_images` where no Python may run)."""
-    counter = self.counter
-
-    def _count(image, counts):
-      def _add(c):
-        counter.add_vector(c)
-        return np.int32(0)
-      done = tf.numpy_function(_add, [counts], tf.int32, stateful=True)
-      with tf.control_dependencies([done]):
-        return tf.identity(image)
-
-    return self.counted_images(seed, start).map(
-        lambda k, image, counts: (k, _count(image, counts)))
+    return problems.count_with(self.counter,
+                               self.counted_images(seed, start))
 
 
 # Writing shards -------------------------------------------------------------

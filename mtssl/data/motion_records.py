@@ -2,14 +2,15 @@
 
 One `tf.train.Example` per labelled frame (schema: README, "Extracting labels
 from a folder of videos"). Shards are written atomically; `index_records`
-reads only the record headers, so `read_example` fetches record k directly.
+reads only the record headers, so `decoded_example` (graph ops) fetches
+record k directly.
 """
 
 import dataclasses
 import glob
 import os
 import struct
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -133,21 +134,54 @@ def parse_example(data: bytes) -> Dict[str, object]:
   }
 
 
-def read_example(path: str, offset: int
-                 ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], str]:
-  """(uint8 RGB frame, uint8 label, status) of the record at `offset`.
+_SPEC = {
+    'frame': tf.io.FixedLenFeature([], tf.string),
+    'label': tf.io.FixedLenFeature([], tf.string),
+    'label_height': tf.io.FixedLenFeature([], tf.int64),
+    'label_width': tf.io.FixedLenFeature([], tf.int64),
+    'video': tf.io.FixedLenFeature([], tf.string),
+    'frame_index': tf.io.FixedLenFeature([], tf.int64),
+}
 
-  On a bad record the arrays are None and the status is a skip reason.
-  """
-  try:
-    fields = parse_example(read_record(path, offset))
-  except Exception:  # pylint: disable=broad-except
-    return None, None, BAD_RECORD
-  frame, status = sources.decode_image_bytes(fields['frame'])
-  if frame is None:
-    return None, None, BAD_FRAME
-  h, w = fields['label_height'], fields['label_width']
-  label = np.frombuffer(fields['label'], np.uint8)
-  if h <= 0 or w <= 0 or label.size != h * w or label.max(initial=0) > 1:
-    return None, None, BAD_LABEL
-  return frame, label.reshape(h, w), sources.STATUS_NAMES[status]
+
+def _placeholder(code) -> tf.data.Dataset:
+  return tf.data.Dataset.from_tensors((tf.zeros([1, 1, 3], tf.uint8),
+                                       tf.zeros([1, 1], tf.uint8),
+                                       tf.constant(code, tf.int64)))
+
+
+def decoded_example(filename, offset, codes: Dict[str, int]) -> tf.data.Dataset:
+  """One (uint8 frame, uint8 label, status code) of the record at `offset`,
+  in graph ops: `read_example`'s result, with `codes` numbering its skip
+  reasons (BAD_RECORD, BAD_FRAME, BAD_LABEL) and decode statuses keeping
+  theirs."""
+
+  def _parse(record):
+    fields = tf.io.parse_single_example(record, _SPEC)
+    return (fields['frame'], fields['label'], fields['label_height'],
+            fields['label_width'])
+
+  def _decode(frame, label, height, width):
+    status = image_records.header_status(frame)
+    image, status = tf.cond(
+        tf.equal(status, sources.OK), lambda: image_records.decode_rgb(frame),
+        lambda: (tf.zeros([1, 1, 3], tf.uint8), tf.constant(-1)))
+    values = tf.io.decode_raw(label, tf.uint8)
+    label_ok = ((height > 0) & (width > 0)
+                & tf.equal(tf.size(values, out_type=tf.int64), height * width)
+                & (tf.reduce_max(tf.concat([values, [0]], 0)) <= 1))
+    label = tf.cond(label_ok, lambda: tf.reshape(values, tf.stack(
+        [height, width])), lambda: tf.zeros([1, 1], tf.uint8))
+    code = tf.case([(status < 0, lambda: tf.constant(codes[BAD_FRAME], tf.int64)),
+                    (~label_ok, lambda: tf.constant(codes[BAD_LABEL], tf.int64))],
+                   default=lambda: tf.cast(status, tf.int64))
+    return image, label, code
+
+  def _checked(*fields):
+    # A frame TensorFlow cannot decode after all is a bad frame.
+    return tf.data.Dataset.from_tensors(fields).map(_decode).ignore_errors(
+        ).concatenate(_placeholder(codes[BAD_FRAME])).take(1)
+
+  parsed = image_records.read_record(filename, offset).map(_parse)
+  return parsed.ignore_errors().flat_map(_checked).concatenate(
+      _placeholder(codes[BAD_RECORD])).take(1)

@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
+from mtssl.data import problems
 from mtssl.data import sources
 from mtssl.data import synthetic_video
 from mtssl.motion import labels as labels_lib
@@ -91,11 +92,15 @@ class SyntheticMotionSource(MotionSource):
 
 
 class MotionRecordSource(MotionSource):
-  """Extracted motion labels in TFRecord shards, read by record index."""
+  """Extracted motion labels in TFRecord shards, read by record index in
+  graph ops (so the pipeline runs on tf.data service workers); counts travel
+  with the elements (mtssl.data.problems)."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, cycle_length: int = 16):
     super().__init__(f'tfrecord:{path}')
     self.path = path
+    self.cycle_length = cycle_length
+    self.counter = problems.ProblemCounter(self.name)
     self._index: Optional[records.RecordIndex] = None
 
   @property
@@ -122,38 +127,37 @@ class MotionRecordSource(MotionSource):
   def epoch_size(self):
     return len(self.index)
 
-  def examples(self, seed, start=0):
+  def counted_examples(self, seed, start=0) -> tf.data.Dataset:
+    """Endless (index, frame, label, int64 counts [MAX_REASONS]) from
+    `start`; counts hold this record's decode status and the skips just
+    before it."""
     self.validate()
-    self._arm_counter()
     index = self.index
-    files = list(index.files)
+    files = tf.constant(list(index.files))
     file_ids = tf.constant(index.file_ids)
     offsets = tf.constant(index.offsets)
     n = len(index)
     counter = self.counter
+    bad = (records.BAD_RECORD, records.BAD_FRAME, records.BAD_LABEL)
+    codes = {reason: counter.code(reason) for reason in bad}
 
-    def _read(fid, offset):
-      frame, label, status = records.read_example(files[int(fid)], int(offset))
-      counter.add(status)
-      if frame is None:
-        return np.zeros((1, 1, 3), np.uint8), np.zeros((1, 1), np.uint8), False
-      return frame, label, True
-
-    def _map(k):
+    def _element(k):
       i = sources._epoch_permutation_index(k, n, seed)  # pylint: disable=protected-access
-      frame, label, ok = tf.numpy_function(
-          _read, [file_ids[i], offsets[i]], [tf.uint8, tf.uint8, tf.bool],
-          stateful=True)
-      frame.set_shape([None, None, 3])
-      label.set_shape([None, None])
-      ok.set_shape([])
-      return k, frame, label, ok
+      return records.decoded_example(files[file_ids[i]], offsets[i],
+                                     codes).map(
+                                         lambda frame, label, code:
+                                         (k, frame, label, code))
 
-    ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max).map(
-        _map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.filter(
-        lambda k, frame, label, ok: counter.keep(ok, 'record', count=False))
-    return ds.map(lambda k, frame, label, ok: (k, frame, label))
+    ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max).interleave(
+        _element, cycle_length=self.cycle_length, block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return problems.carry_counts(ds, counter,
+                                 [codes[r] for r in bad] + list(sources.SKIPPED))
+
+  def examples(self, seed, start=0):
+    """(index, frame, label); counts go to the counter through
+    numpy_function (use `counted_examples` where no Python may run)."""
+    return problems.count_with(self.counter, self.counted_examples(seed, start))
 
 
 def make_motion_source(spec: str, frame_size: Tuple[int, int] = (240, 320),

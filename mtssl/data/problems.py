@@ -75,8 +75,40 @@ def take_counts(features: Dict[str, tf.Tensor], counter) -> None:
 
 
 def is_graph_only(source) -> bool:
-  return getattr(source.counter, 'graph_only', False) and hasattr(
-      source, 'counted_images')
+  return getattr(source.counter, 'graph_only', False) and (
+      hasattr(source, 'counted_images') or hasattr(source, 'counted_examples'))
+
+
+def carry_counts(ds: tf.data.Dataset, counter, skipped) -> tf.data.Dataset:
+  """(index, *payload, status code) elements -> (index, *payload, counts) of
+  the kept ones: an element whose status is in `skipped` is dropped and its
+  count carried to the next kept element, with that element's own status."""
+
+  def _carry(pending, element):
+    counts = pending + counter.one_hot(element[-1])
+    ok = tf.reduce_all(tf.not_equal(tf.cast(element[-1], tf.int64),
+                                    tf.constant(skipped, tf.int64)))
+    return (tf.where(ok, counter.zeros(), counts),
+            (element[:-1] + (counts,), ok))
+
+  return ds.scan(counter.zeros(), _carry).filter(
+      lambda element, ok: ok).map(lambda element, ok: element)
+
+
+def count_with(counter, ds: tf.data.Dataset) -> tf.data.Dataset:
+  """(index, *payload, counts) -> (index, *payload), the counts added to
+  `counter` through numpy_function (consumers in the counter's process)."""
+
+  def _add(c):
+    counter.add_vector(c)
+    return np.int32(0)
+
+  def _take(*element):
+    done = tf.numpy_function(_add, [element[-1]], tf.int32, stateful=True)
+    with tf.control_dependencies([done]):
+      return tuple(tf.identity(t) for t in element[:-1])
+
+  return ds.map(_take)
 
 
 def map_examples(source, seed: int, start: int, fn: Callable,

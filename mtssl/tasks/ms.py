@@ -16,6 +16,7 @@ from mtssl.configs import base as config_base
 from mtssl.ops import preprocessing
 from mtssl.backbones import resnet_v2
 from mtssl.data import motion_sources
+from mtssl.data import problems
 from mtssl.data import sources
 from mtssl.tasks import base
 from mtssl.tasks import heads
@@ -134,8 +135,16 @@ class MotionSegmentationTask(base.Task):
                   'image': preprocessing.vgg_preprocess(image)}
       return features, {'mask': _label_to_size(label, label_size)}
 
-    ds = source.examples(seed, start).map(
-        _example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if problems.is_graph_only(source):  # The counts travel with the batch.
+      def _counted(index, frame, label, counts):
+        features, labels = _example(index, frame, label)
+        return dict(features, **{problems.PROBLEMS_KEY: counts}), labels
+
+      ds = source.counted_examples(seed, start).map(
+          _counted, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+      ds = source.examples(seed, start).map(
+          _example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(
         tf.data.AUTOTUNE)
 
