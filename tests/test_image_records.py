@@ -3,13 +3,13 @@ resume at any position (also through the trainer)."""
 
 import os
 
-import numpy as np
 import tensorflow as tf
 
 from mtssl.configs import training as configs
 from mtssl.data import image_records
 from mtssl.data import problems
 from mtssl.data import sources
+from mtssl.data import tfds_source
 from mtssl.tasks import col
 from mtssl.tasks import ex
 from mtssl.tasks import rp
@@ -272,7 +272,7 @@ class TfdsShardsTest(tf.test.TestCase):
     # A slice of a split is read through tfds.
     self.assertIsInstance(sources.make_image_source(
         f'tfds:{name}:train[:50%]', tfds_data_dir=data_dir),
-                          sources.TfdsImageSource)
+                          tfds_source.TfdsImageSource)
 
 
 class ResumeThroughTrainerTest(tf.test.TestCase):

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from mtssl.data import sources
 from mtssl.data import synthetic
+from mtssl.data import tfds_source
 
 DataSourceError = sources.DataSourceError
 SYNTHETIC_EVAL_STREAM = 0xFFFFFFFF
@@ -297,7 +298,7 @@ class FolderClassification(LabeledSource):
 # ---------------------------------------------------------------------------
 
 
-class _JoinedSplitTfdsSource(sources.TfdsImageSource):
+class _JoinedSplitTfdsSource(tfds_source.TfdsImageSource):
   """TfdsImageSource whose split may join several ('train+validation')."""
 
   def validate(self):
