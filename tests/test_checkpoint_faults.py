@@ -9,6 +9,7 @@ import os
 import resource
 import shutil
 import signal
+import tempfile
 
 import tensorflow as tf
 
@@ -41,19 +42,34 @@ def numbers(model_dir):
   return [n for n, _ in checkpoints.numbered(model_dir)]
 
 
+def _run(model_dir, steps, **overrides):
+  overrides.setdefault('checkpoint_every', 2)
+  overrides.setdefault('keep_checkpoints', 5)
+  trainer = trainer_lib.Trainer(make_config(model_dir, steps=steps,
+                                            **overrides))
+  trainer.train()
+  return trainer
+
+
 class IndexAndDamageTest(tf.test.TestCase):
 
-  def _run(self, model_dir, steps, **overrides):
-    overrides.setdefault('checkpoint_every', 2)
-    overrides.setdefault('keep_checkpoints', 5)
-    trainer = trainer_lib.Trainer(make_config(model_dir, steps=steps,
-                                              **overrides))
-    trainer.train()
-    return trainer
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    # The runs the tests damage, made once; each test damages its own copy.
+    cls.runs = tempfile.mkdtemp()
+    cls.addClassCleanup(shutil.rmtree, cls.runs, ignore_errors=True)
+    for steps in (2, 4):
+      _run(os.path.join(cls.runs, str(steps)), steps)
+
+  def _copy_of_run(self, steps):
+    """A copy of the class's run of `steps` steps (checkpoints every 2)."""
+    model_dir = os.path.join(self.get_temp_dir(), 'run')
+    shutil.copytree(os.path.join(self.runs, str(steps)), model_dir)
+    return model_dir
 
   def test_lost_or_unparsable_index_resumes_from_the_newest_by_scanning(self):
-    original = os.path.join(self.get_temp_dir(), 'original')
-    self._run(original, 4)
+    original = os.path.join(self.runs, '4')
     self.assertEqual(numbers(original), [2, 4])
     for damage in ('missing', 'garbage'):
       model_dir = os.path.join(self.get_temp_dir(), damage)
@@ -67,7 +83,7 @@ class IndexAndDamageTest(tf.test.TestCase):
         with open(index, 'w') as f:
           f.write('model_checkpoint_path: \x00{{{ not a text proto')
       with self.assertLogs(level='WARNING') as logs:
-        trainer = self._run(model_dir, 6)
+        trainer = _run(model_dir, 6)
       self.assertTrue(trainer.run.resumed_from.endswith('ckpt-4'), damage)
       self.assertTrue(any('found by scanning' in l for l in logs.output))
       self.assertEqual(numbers(model_dir), [2, 4, 6])
@@ -78,8 +94,7 @@ class IndexAndDamageTest(tf.test.TestCase):
                        os.path.join(model_dir, 'ckpt-6'))
 
   def test_damaged_latest_checkpoint_falls_back_to_the_previous(self):
-    model_dir = self.get_temp_dir()
-    self._run(model_dir, 4)
+    model_dir = self._copy_of_run(4)
     data = os.path.join(model_dir, 'ckpt-4.data-00000-of-00001')
     size = os.path.getsize(data)
     with open(data, 'r+b') as f:
@@ -98,8 +113,7 @@ class IndexAndDamageTest(tf.test.TestCase):
                                      'ckpt-4.data-00000-of-00001')), size // 2)
 
   def test_no_readable_checkpoint_is_an_error_naming_the_directory(self):
-    model_dir = self.get_temp_dir()
-    self._run(model_dir, 2)
+    model_dir = self._copy_of_run(2)
     with open(os.path.join(model_dir, 'ckpt-2.index'), 'wb') as f:
       f.write(b'garbage')
     with self.assertRaisesRegex(checkpoints.CheckpointError,
@@ -109,8 +123,7 @@ class IndexAndDamageTest(tf.test.TestCase):
     self.assertTrue(os.path.exists(os.path.join(model_dir, 'ckpt-2.index')))
 
   def test_failed_write_keeps_the_previous_checkpoint(self):
-    model_dir = self.get_temp_dir()
-    self._run(model_dir, 2)
+    model_dir = self._copy_of_run(2)
     data_size = os.path.getsize(
         os.path.join(model_dir, 'ckpt-2.data-00000-of-00001'))
     # A real write failure: files of this process may not grow beyond half
