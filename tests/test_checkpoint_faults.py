@@ -9,6 +9,7 @@ import os
 import resource
 import shutil
 import signal
+import tempfile
 
 import tensorflow as tf
 
@@ -41,19 +42,43 @@ def numbers(model_dir):
   return [n for n, _ in checkpoints.numbered(model_dir)]
 
 
-class IndexAndDamageTest(tf.test.TestCase):
+def _run(model_dir, steps, **overrides):
+  overrides.setdefault('checkpoint_every', 2)
+  overrides.setdefault('keep_checkpoints', 5)
+  trainer = trainer_lib.Trainer(make_config(model_dir, steps=steps,
+                                            **overrides))
+  trainer.train()
+  return trainer
 
-  def _run(self, model_dir, steps, **overrides):
-    overrides.setdefault('checkpoint_every', 2)
-    overrides.setdefault('keep_checkpoints', 5)
-    trainer = trainer_lib.Trainer(make_config(model_dir, steps=steps,
-                                              **overrides))
-    trainer.train()
-    return trainer
+
+class SharedRunsTestCase(tf.test.TestCase):
+  """Runs made once per class ({name: make_config arguments}); each test
+  damages or resumes its own copy."""
+
+  RUNS = {}
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.runs = tempfile.mkdtemp()
+    cls.addClassCleanup(shutil.rmtree, cls.runs, ignore_errors=True)
+    for name, kwargs in cls.RUNS.items():
+      trainer_lib.Trainer(make_config(os.path.join(cls.runs, name),
+                                      **kwargs)).train()
+
+  def copy_of_run(self, name):
+    model_dir = os.path.join(self.get_temp_dir(), 'run')
+    shutil.copytree(os.path.join(self.runs, name), model_dir)
+    return model_dir
+
+
+class IndexAndDamageTest(SharedRunsTestCase):
+
+  RUNS = {str(steps): dict(steps=steps, checkpoint_every=2, keep_checkpoints=5)
+          for steps in (2, 4)}
 
   def test_lost_or_unparsable_index_resumes_from_the_newest_by_scanning(self):
-    original = os.path.join(self.get_temp_dir(), 'original')
-    self._run(original, 4)
+    original = os.path.join(self.runs, '4')
     self.assertEqual(numbers(original), [2, 4])
     for damage in ('missing', 'garbage'):
       model_dir = os.path.join(self.get_temp_dir(), damage)
@@ -67,7 +92,7 @@ class IndexAndDamageTest(tf.test.TestCase):
         with open(index, 'w') as f:
           f.write('model_checkpoint_path: \x00{{{ not a text proto')
       with self.assertLogs(level='WARNING') as logs:
-        trainer = self._run(model_dir, 6)
+        trainer = _run(model_dir, 6)
       self.assertTrue(trainer.run.resumed_from.endswith('ckpt-4'), damage)
       self.assertTrue(any('found by scanning' in l for l in logs.output))
       self.assertEqual(numbers(model_dir), [2, 4, 6])
@@ -78,8 +103,7 @@ class IndexAndDamageTest(tf.test.TestCase):
                        os.path.join(model_dir, 'ckpt-6'))
 
   def test_damaged_latest_checkpoint_falls_back_to_the_previous(self):
-    model_dir = self.get_temp_dir()
-    self._run(model_dir, 4)
+    model_dir = self.copy_of_run('4')
     data = os.path.join(model_dir, 'ckpt-4.data-00000-of-00001')
     size = os.path.getsize(data)
     with open(data, 'r+b') as f:
@@ -98,8 +122,7 @@ class IndexAndDamageTest(tf.test.TestCase):
                                      'ckpt-4.data-00000-of-00001')), size // 2)
 
   def test_no_readable_checkpoint_is_an_error_naming_the_directory(self):
-    model_dir = self.get_temp_dir()
-    self._run(model_dir, 2)
+    model_dir = self.copy_of_run('2')
     with open(os.path.join(model_dir, 'ckpt-2.index'), 'wb') as f:
       f.write(b'garbage')
     with self.assertRaisesRegex(checkpoints.CheckpointError,
@@ -109,8 +132,7 @@ class IndexAndDamageTest(tf.test.TestCase):
     self.assertTrue(os.path.exists(os.path.join(model_dir, 'ckpt-2.index')))
 
   def test_failed_write_keeps_the_previous_checkpoint(self):
-    model_dir = self.get_temp_dir()
-    self._run(model_dir, 2)
+    model_dir = self.copy_of_run('2')
     data_size = os.path.getsize(
         os.path.join(model_dir, 'ckpt-2.data-00000-of-00001'))
     # A real write failure: files of this process may not grow beyond half
@@ -138,11 +160,12 @@ class IndexAndDamageTest(tf.test.TestCase):
     self.assertEqual(glob.glob(os.path.join(model_dir, '*_temp*')), [])
 
 
-class ResumeChangesTest(tf.test.TestCase):
+class ResumeChangesTest(SharedRunsTestCase):
+
+  RUNS = {'2': dict(steps=2)}
 
   def test_learning_rate_given_on_resume_wins_and_is_logged(self):
-    model_dir = self.get_temp_dir()
-    trainer_lib.Trainer(make_config(model_dir, steps=2)).train()
+    model_dir = self.copy_of_run('2')
     cfg = make_config(model_dir, steps=4)
     cfg.tasks['toy_a'].learning_rate = 5e-3
     trainer = trainer_lib.Trainer(cfg)
@@ -157,8 +180,7 @@ class ResumeChangesTest(tf.test.TestCase):
     self.assertAllClose(saved, 5e-3)
 
   def test_resume_with_other_tasks_or_trunk_is_refused_in_one_line(self):
-    model_dir = self.get_temp_dir()
-    trainer_lib.Trainer(make_config(model_dir, steps=2)).train()
+    model_dir = self.copy_of_run('2')
     dropped = make_config(model_dir, steps=4)
     del dropped.tasks['toy_b']
     added = make_config(model_dir, steps=4)
