@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
+from mtssl.data import image_records
 from mtssl.data import motion_sources
 from mtssl.data import sources
 from mtssl.data import synthetic
@@ -116,6 +117,19 @@ class StalledSourceTest(tf.test.TestCase):
     self.assertLen(errors, 1, run.stderr[-2000:])
     self.assertIn(f'folder:{root}: 7 elements in a row skipped', errors[0])
     self.assertFalse(os.path.exists(output))
+
+  def test_image_shards_of_only_corrupt_images_are_an_error(self):
+    # Graph ops only: the count of skips in a row travels in the pipeline.
+    shard = os.path.join(self.get_temp_dir(), 'images.tfrecord')
+    with tf.io.TFRecordWriter(shard) as writer:
+      for i in range(3):
+        writer.write(image_records.serialize_image(b'not an image %d' % i))
+    source = sources.make_image_source(f'tfrecord:{shard}')
+    with self.assertRaisesRegex(
+        sources.DataSourceError,
+        rf'^tfrecord:{shard}: 5 elements in a row skipped \(a whole epoch '
+        rf'of 3 elements gave nothing\)'):
+      drain(source.images(seed=0), source.counter)
 
   def test_motion_shards_of_unparsable_records_are_an_error(self):
     shard = os.path.join(self.get_temp_dir(), 'clips-00000.tfrecord')

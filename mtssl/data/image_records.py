@@ -249,6 +249,9 @@ class TfrecordImageSource(sources.ImageSource):
   def __len__(self):
     return int(self.index[2].shape[0])
 
+  def epoch_size(self):
+    return len(self)
+
   def validate(self):
     if not len(self):  # pylint: disable=g-explicit-length-test
       raise sources.DataSourceError(
@@ -260,6 +263,7 @@ class TfrecordImageSource(sources.ImageSource):
     `start`; counts hold this element's decode status and the skips just
     before it."""
     self.validate()
+    self._arm_counter()
     files, file_ids, offsets = self.index
     files = tf.constant(files)
     file_ids = tf.constant(file_ids)

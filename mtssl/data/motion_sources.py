@@ -132,6 +132,7 @@ class MotionRecordSource(MotionSource):
     `start`; counts hold this record's decode status and the skips just
     before it."""
     self.validate()
+    self._arm_counter()
     index = self.index
     files = tf.constant(list(index.files))
     file_ids = tf.constant(index.file_ids)

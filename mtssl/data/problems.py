@@ -82,16 +82,28 @@ def is_graph_only(source) -> bool:
 def carry_counts(ds: tf.data.Dataset, counter, skipped) -> tf.data.Dataset:
   """(index, *payload, status code) elements -> (index, *payload, counts) of
   the kept ones: an element whose status is in `skipped` is dropped and its
-  count carried to the next kept element, with that element's own status."""
+  count carried to the next kept element, with that element's own status.
+  `counter.limit` skips in a row stop the stream with an error that
+  `sources.raise_if_stalled` turns into the source's DataSourceError."""
+  limit = counter.limit
+  stalled = (f'{sources.STALLED_MARKER}{counter.name}: {limit} elements in a '
+             f'row skipped ({counter.limit_reason}). The source yields no '
+             f'usable data.')
 
-  def _carry(pending, element):
+  def _carry(state, element):
+    pending, streak = state
     counts = pending + counter.one_hot(element[-1])
     ok = tf.reduce_all(tf.not_equal(tf.cast(element[-1], tf.int64),
                                     tf.constant(skipped, tf.int64)))
-    return (tf.where(ok, counter.zeros(), counts),
+    streak = tf.where(ok, tf.constant(0, tf.int64), streak + 1)
+    if limit:
+      with tf.control_dependencies([tf.debugging.Assert(
+          streak < limit, [stalled])]):
+        counts = tf.identity(counts)
+    return ((tf.where(ok, counter.zeros(), counts), streak),
             (element[:-1] + (counts,), ok))
 
-  return ds.scan(counter.zeros(), _carry).filter(
+  return ds.scan((counter.zeros(), tf.constant(0, tf.int64)), _carry).filter(
       lambda element, ok: ok).map(lambda element, ok: element)
 
 

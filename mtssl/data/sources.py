@@ -51,12 +51,20 @@ class SourceStalled(DataSourceError):
   """Raised inside tf.data when a source has stopped yielding usable data."""
 
 
+# Starts the message of a graph-only source's stop (mtssl.data.problems).
+STALLED_MARKER = 'mtssl source stalled: '
+
+
 def raise_if_stalled(error: Exception, *counters) -> None:
-  """Re-raises tf.data's `error` as the DataSourceError a counter recorded."""
+  """Re-raises tf.data's `error` as the DataSourceError a counter recorded
+  (or a graph-only pipeline stated in it)."""
   for counter in counters:
     if counter.failure:
       raise DataSourceError(counter.failure) from None
-  del error
+  text = str(error)
+  if STALLED_MARKER in text:
+    message = text.split(STALLED_MARKER, 1)[1].split(']', 1)[0]
+    raise DataSourceError(message.strip().strip('"\'')) from None
 
 
 class SkipCounter:
