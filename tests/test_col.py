@@ -15,6 +15,7 @@ from mtssl.models import multitask as model_lib
 from mtssl.training import optimizers
 from mtssl.ops import preprocessing
 from mtssl.backbones import resnet_v2
+from mtssl.data import problems
 from mtssl.data import sources
 from mtssl.data import synthetic
 from mtssl.ops import ab_bins
@@ -175,11 +176,13 @@ class PipelineTest(tf.test.TestCase):
     task = small_task()
     source = task.make_source(f'folder:{folder}')
     batches = first_batches(task.make_dataset(source, 2, seed=0), 3)
+    for features, _ in batches:  # The counts travel with the batches.
+      problems.take_counts(features, source.counter)
     indices = np.concatenate([f['index'] for f, _ in batches])
     # Stream position -> file: the yielded positions are exactly the colour
     # files, the positions in between (skipped) exactly the grayscale ones.
     files = [os.path.basename(source.files[int(
-        sources._epoch_permutation_index(k, 4, 0))])  # pylint: disable=protected-access
+        sources.epoch_permutation_index(k, 4, 0))])
              for k in range(int(indices.max()) + 1)]
     gaps = sorted(set(range(len(files))) - set(indices.tolist()))
     self.assertTrue(all('colour' in files[k] for k in indices))

@@ -92,7 +92,7 @@ class DataServiceTest(tf.test.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.tmp = tf.test.TestCase().get_temp_dir()
-    root = os.path.join(cls.tmp, 'images')
+    cls.images = root = os.path.join(cls.tmp, 'images')
     test_sources.write_folder(root)
     cls.shards = os.path.join(cls.tmp, 'shards')
     image_records.make_shards(root, cls.shards, records_per_shard=2,
@@ -107,14 +107,16 @@ class DataServiceTest(tf.test.TestCase):
     super().tearDownClass()
 
   def test_rp_and_col_train_from_two_workers(self):
-    # col with its preprocessing in the step: the workers send crops (their
-    # grayscale test reads the colour table, a constant of the graph).
+    # rp from shards, col from the image folder, with its preprocessing in
+    # the step: the workers send crops (their grayscale test reads the colour
+    # table, a constant of the graph).
     cfg = make_config(os.path.join(self.get_temp_dir(), 'run'),
                       'tfrecord:' + self.shards, steps=4,
                       data_service=f'grpc://localhost:{self.port}')
-    cfg.tasks['col'] = dataclasses.replace(cfg.tasks['col'], config=(
-        dataclasses.replace(cfg.tasks['col'].config,
-                            device_preprocessing=True)))
+    cfg.tasks['col'] = dataclasses.replace(
+        cfg.tasks['col'], data='folder:' + self.images, config=(
+            dataclasses.replace(cfg.tasks['col'].config,
+                                device_preprocessing=True)))
     trainer = trainer_lib.Trainer(cfg)
     result = trainer.train()
     self.assertEqual(result['task_steps'], {'rp': 2, 'col': 2})

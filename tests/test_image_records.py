@@ -3,13 +3,16 @@ resume at any position (also through the trainer)."""
 
 import os
 
+import cv2
+import numpy as np
 import tensorflow as tf
 
 from mtssl.configs import training as configs
+from mtssl.data import graph_decode
 from mtssl.data import image_records
 from mtssl.data import problems
 from mtssl.data import sources
-from mtssl.data import tfds_source
+from mtssl.data import synthetic
 from mtssl.tasks import col
 from mtssl.tasks import ex
 from mtssl.tasks import rp
@@ -22,9 +25,7 @@ def decode_graph(payloads):
   """[(image, status)] of records holding `payloads`, through the graph path."""
   records = [image_records.serialize_image(p) for p in payloads]
   ds = tf.data.Dataset.from_tensor_slices(records).flat_map(
-      lambda r: tf.data.Dataset.from_tensors(r).map(
-          image_records._decode_record).ignore_errors().concatenate(  # pylint: disable=protected-access
-              image_records._unreadable()).take(1))  # pylint: disable=protected-access
+      lambda r: graph_decode.decoded_bytes(image_records.parse_image(r)))
   return [(image.numpy(), int(status)) for image, status in ds]
 
 
@@ -72,6 +73,36 @@ class DecodeTest(tf.test.TestCase):
       expected, expected_status = sources.decode_image_bytes(data)
       self.assertEqual(status, expected_status, name)
       self.assertAllEqual(image, expected, msg=name)
+
+
+  def test_webp_bmp_and_header_sizes_match_the_python_decode(self):
+    image = synthetic.synthetic_image(0, 3, 40, 48)[..., ::-1]
+    alpha = np.dstack([image, np.arange(40 * 48).reshape(40, 48) % 256]
+                      ).astype(np.uint8)
+    payloads = {
+        'lossy.webp': cv2.imencode('.webp', image,
+                                   [cv2.IMWRITE_WEBP_QUALITY, 80])[1],
+        'lossless.webp': cv2.imencode('.webp', image,
+                                      [cv2.IMWRITE_WEBP_QUALITY, 101])[1],
+        'lossless_alpha.webp': cv2.imencode(
+            '.webp', alpha, [cv2.IMWRITE_WEBP_QUALITY, 101])[1],
+        'lossy_alpha.webp': cv2.imencode('.webp', alpha,
+                                         [cv2.IMWRITE_WEBP_QUALITY, 80])[1],
+        'a.bmp': cv2.imencode('.bmp', image)[1],
+        'a.png': cv2.imencode('.png', image)[1],
+        'a.jpg': cv2.imencode('.jpg', image)[1],
+    }
+    for name, data in payloads.items():
+      data = data.tobytes()
+      expected, expected_status = sources.decode_image_bytes(data)
+      (got, status), = list(graph_decode.decoded_bytes(data).as_numpy_iterator())
+      self.assertEqual(status, expected_status, name)
+      self.assertAllEqual(got, expected, msg=name)
+      self.assertEqual(int(graph_decode.header_pixels(data)), 40 * 48, name)
+      (_, status), = list(graph_decode.decoded_bytes(
+          data, max_pixels=40 * 48 - 1).as_numpy_iterator())
+      self.assertEqual(status, sources.TOO_LARGE, name)
+    self.assertEqual(int(graph_decode.header_pixels(b'GIF89a')), -1)
 
 
 class ShardsTest(tf.test.TestCase):
@@ -269,10 +300,16 @@ class TfdsShardsTest(tf.test.TestCase):
     # The offsets were kept beside the split's file for the next reader.
     self.assertTrue(all(os.path.isfile(f + image_records.INDEX_SUFFIX)
                         for f in source.index[0]))
-    # A slice of a split is read through tfds.
-    self.assertIsInstance(sources.make_image_source(
-        f'tfds:{name}:train[:50%]', tfds_data_dir=data_dir),
-                          tfds_source.TfdsImageSource)
+    # A slice of a split is read as shards too: an epoch is its images.
+    half = sources.make_image_source(f'tfds:{name}:train[25%:75%]',
+                                     tfds_data_dir=data_dir)
+    self.assertIsInstance(half, image_records.TfrecordImageSource)
+    want = sorted(example['image'].tobytes() for example in tfds.as_numpy(
+        tfds.load(name, split='train[25%:75%]', data_dir=data_dir)))
+    self.assertBetween(len(want), 1, len(epoch) - 6)
+    self.assertLen(half, len(want))
+    self.assertEqual(sorted(image.tobytes() for _, image, _ in stream(
+        half, seed=2, start=0, n=len(want))), want)
 
 
 class ResumeThroughTrainerTest(tf.test.TestCase):

@@ -63,12 +63,12 @@ class StalledSourceTest(tf.test.TestCase):
     root = write_images(os.path.join(self.get_temp_dir(), 'bad'), 3,
                         corrupt=True)
     source = sources.make_image_source(f'folder:{root}')
+    # The counts travel with the elements; at the stop, the message has them.
     with self.assertRaisesRegex(
         sources.DataSourceError,
-        rf'folder:{root}: 5 elements in a row skipped .*whole epoch of 3'):
+        rf'folder:{root}: 5 elements in a row skipped .*whole epoch of 3.*'
+        rf'counts so far: skipped_corrupt 5\.'):
       drain(source.images(seed=0), source.counter)
-    # The decoder runs ahead of the filter, so it may have counted more.
-    self.assertGreaterEqual(source.counter.problems()['skipped_corrupt'], 5)
 
   def test_the_bound_is_a_setting(self):
     root = write_images(os.path.join(self.get_temp_dir(), 'bad'), 30,
@@ -86,7 +86,9 @@ class StalledSourceTest(tf.test.TestCase):
     write_images(os.path.join(root, 'bad'), 2, corrupt=True)
     source = sources.make_image_source(f'folder:{root}')
     self.assertEqual(drain(source.images(seed=0), source.counter, 200), 200)
-    self.assertGreaterEqual(source.counter.problems()['skipped_corrupt'], 400)
+    # Each epoch has 2 bad files; those after the last image taken are
+    # counted with the next one.
+    self.assertGreaterEqual(source.counter.problems()['skipped_corrupt'], 398)
 
   def test_colorization_on_only_grayscale_images_is_an_error(self):
     root = write_images(os.path.join(self.get_temp_dir(), 'gray'), 4,
@@ -98,9 +100,8 @@ class StalledSourceTest(tf.test.TestCase):
       drain(task.examples(source, seed=0), source.counter)
     # The prior estimator reads the same stream.
     source = task.make_source(f'folder:{root}')
-    with self.assertRaises(tf.errors.OpError):
+    with self.assertRaisesRegex(tf.errors.OpError, '7 elements in a row'):
       col.estimate_prior(task, source, 10)
-    self.assertIn('7 elements in a row', source.counter.failure)
 
   def test_prior_estimation_on_grayscale_images_ends_with_one_line(self):
     # A real process under a timeout: this used to loop forever.
@@ -162,15 +163,17 @@ class OversizedAndVanishingTest(tf.test.TestCase):
     source = sources.make_image_source(f'folder:{root}')
     items = list(source.images(seed=0).take(9).as_numpy_iterator())
     self.assertLen(items, 9)
-    problems = source.counter.problems()  # 9 images take 3 epochs or more.
+    # 9 images take 3 epochs or more: the huge file came before at least 2 of
+    # them (its counts travel with the next image).
+    problems = source.counter.problems()
     self.assertEqual(list(problems), ['skipped_too_large'])
-    self.assertGreaterEqual(problems['skipped_too_large'], 3)
+    self.assertGreaterEqual(problems['skipped_too_large'], 2)
     # The cap is a setting: 40x48 images are above a 1000-pixel cap.
     small_cap = sources.make_image_source(f'folder:{root}')
     small_cap.max_image_pixels = 1000
-    with self.assertRaises(sources.DataSourceError):
+    with self.assertRaisesRegex(sources.DataSourceError,
+                                r'counts so far: skipped_too_large \d+'):
       drain(small_cap.images(seed=0), small_cap.counter)
-    self.assertGreater(small_cap.counter.problems()['skipped_too_large'], 0)
 
   def test_file_deleted_mid_run_is_a_counted_skip(self):
     root = write_images(os.path.join(self.get_temp_dir(), 'images'), 4)
@@ -179,8 +182,12 @@ class OversizedAndVanishingTest(tf.test.TestCase):
     for _ in range(2):
       next(iterator)
     os.remove(os.path.join(root, '02.png'))
-    for _ in range(12):  # More than three epochs of the four files.
+    # The pipeline reads ahead (up to its interleave cycle of 16 files and a
+    # prefetch buffer), so the skip shows within a bounded number of images.
+    for _ in range(200):
       next(iterator)
+      if source.counter.problems().get('skipped_unreadable'):
+        break
     self.assertGreater(source.counter.problems()['skipped_unreadable'], 0)
 
 

@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
+from mtssl.data import folder_source
 from mtssl.data import sources
 from mtssl.data import synthetic
 
@@ -87,7 +88,7 @@ class FolderSourceTest(tf.test.TestCase):
   def test_deterministic_reshuffled_per_epoch_and_resumable(self):
     root = self.get_temp_dir()
     write_folder(root)
-    source = sources.FolderImageSource(root)
+    source = folder_source.FolderImageSource(root)
     run = lambda seed, start=0: [(int(k), im.tobytes()) for k, im in
                                  source.images(seed, start).take(12)
                                  .as_numpy_iterator()]

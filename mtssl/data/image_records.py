@@ -3,18 +3,19 @@ record index with graph ops only.
 
 A shard is a TFRecord file of `tf.train.Example`s with
 
-  image/encoded      bytes  the encoded image (JPEG, PNG, BMP or GIF)
+  image/encoded      bytes  the encoded image (JPEG, PNG, BMP, GIF or WebP)
   image/class/label  int64  optional class label
 
 Beside each shard `SHARD.index` lists the byte offset of every record
 (int64 [size of the shard, offsets...]); `make_shards` writes it, and a shard
 without one (or with a stale one) is indexed by reading its record headers.
-Element k of the stream is record `_epoch_permutation_index(k)` of all
+Element k of the stream is record `epoch_permutation_index(k)` of all
 shards, read at its offset, so a stream starts at any position at the same
 cost and epochs are globally shuffled without a shuffle buffer.
 
-Reading, parsing and decoding are TensorFlow ops (no Python in the per-example
-path), so the pipeline runs on tf.data service workers. Bad records are
+Reading, parsing and decoding (mtssl.data.graph_decode) are TensorFlow ops
+(no Python in the per-example path), so the pipeline runs on tf.data service
+workers. Bad records are
 counted skips: an empty image, a truncated JPEG/PNG, an unknown format, a
 record or image TensorFlow cannot read or decode, a shard deleted since it was
 indexed. Counts travel with the elements (mtssl.data.problems).
@@ -32,6 +33,7 @@ from tensorflow.python.data.ops import dataset_ops
 from tensorflow.python.framework import tensor_spec
 from tensorflow.python.ops import gen_dataset_ops
 
+from mtssl.data import graph_decode
 from mtssl.data import problems
 from mtssl.data import sources
 from mtssl.utils import io_utils
@@ -124,106 +126,40 @@ def read_record(filename, offset) -> tf.data.Dataset:
   return _RecordAt(files, tf.fill(tf.shape(files), offset)).take(1)
 
 
-def header_status(data) -> tf.Tensor:
-  """sources.OK, or EMPTY / TRUNCATED / CORRUPT from the bytes' structure."""
-  n = tf.strings.length(data)
-  head = tf.strings.substr(data, 0, 8)
-  tail = tf.strings.regex_replace(
-      tf.strings.substr(data, tf.maximum(n - 64, 0), 64), r'[\x00 \r\n\t]+$', '')
-  jpeg = tf.equal(tf.strings.substr(head, 0, 2), b'\xff\xd8')
-  png = tf.equal(head, b'\x89PNG\r\n\x1a\n')
-  known = (jpeg | png | tf.equal(tf.strings.substr(head, 0, 2), b'BM')
-           | tf.equal(tf.strings.substr(head, 0, 3), b'GIF'))
-  eoi = tf.equal(tf.strings.substr(
-      tail, tf.maximum(tf.strings.length(tail) - 2, 0), 2), b'\xff\xd9')
-  last16 = tf.strings.substr(data, tf.maximum(n - 16, 0), 16)
-  iend = tf.reduce_any(tf.equal(tf.strings.substr(
-      tf.fill([13], last16), tf.range(13), tf.fill([13], 4)), b'IEND'))
-  jpeg_cut = jpeg & ~eoi
-  png_cut = png & ~iend
-  return tf.case([(n == 0, lambda: sources.EMPTY),
-                  (jpeg_cut | png_cut, lambda: sources.TRUNCATED),
-                  (~known, lambda: sources.CORRUPT)],
-                 default=lambda: sources.OK)
-
-
-def decode_rgb(data) -> Tuple[tf.Tensor, tf.Tensor]:
-  """uint8 [H, W, 3] and its status code, as sources.decode_image_bytes.
-
-  16-bit images keep their high byte, grayscale is replicated to RGB, alpha
-  is composited over white: the folder source's pixels for the same file
-  (JPEG too: libjpeg's accurate integer DCT, OpenCV's default, not
-  TensorFlow's default fast one). Raises (inside tf.data) on data TensorFlow
-  cannot decode.
-  """
-  png = tf.equal(tf.strings.substr(data, 0, 8), b'\x89PNG\r\n\x1a\n')
-  sixteen = png & tf.equal(tf.strings.substr(data, 24, 1), b'\x10')
-  jpeg = tf.equal(tf.strings.substr(data, 0, 2), b'\xff\xd8')
-  image = tf.cond(
-      jpeg, lambda: tf.io.decode_jpeg(data, dct_method='INTEGER_ACCURATE'),
-      lambda: tf.io.decode_image(data, channels=0, dtype=tf.uint8,
-                                 expand_animations=False))
-  channels = tf.shape(image)[-1]
-  color = tf.cond(channels >= 3, lambda: image[..., :3],
-                  lambda: tf.repeat(image[..., :1], 3, axis=-1))
-
-  def _over_white():
-    alpha = tf.cast(image[..., -1:], tf.float32) / 255.0
-    mixed = tf.cast(color, tf.float32) * alpha + 255.0 * (1.0 - alpha)
-    return tf.cast(tf.round(mixed), tf.uint8)
-
-  has_alpha = tf.equal(channels, 2) | tf.equal(channels, 4)
-  rgb = tf.cond(has_alpha, _over_white, lambda: color)
-  rgb.set_shape([None, None, 3])
-  status = tf.case([(sixteen, lambda: sources.SIXTEEN_BIT),
-                    (channels < 3, lambda: sources.GRAYSCALE),
-                    (has_alpha, lambda: sources.ALPHA)],
-                   default=lambda: sources.OK)
-  return rgb, status
-
-
 def parse_image(record, image_key: str = IMAGE_KEY) -> tf.Tensor:
   return tf.io.parse_single_example(record, {
       image_key: tf.io.FixedLenFeature([], tf.string, default_value=''),
   })[image_key]
 
 
-def _decode_record(record, image_key: str = IMAGE_KEY):
-  data = parse_image(record, image_key)
-  status = header_status(data)
-  return tf.cond(tf.equal(status, sources.OK), lambda: decode_rgb(data),
-                 lambda: (tf.zeros([1, 1, 3], tf.uint8), status))
-
-
-def _unreadable():
-  return tf.data.Dataset.from_tensors(
-      (tf.zeros([1, 1, 3], tf.uint8), tf.constant(sources.CORRUPT)))
-
-
-def decoded_record(filename, offset,
-                   image_key: str = IMAGE_KEY) -> tf.data.Dataset:
-  """One (uint8 [H, W, 3], status): the record's image, or a skip status."""
-  ds = read_record(filename, offset).map(
-      lambda record: _decode_record(record, image_key)).ignore_errors()
-  return ds.concatenate(_unreadable()).take(1)
+def decoded_record(filename, offset, image_key: str = IMAGE_KEY,
+                   max_pixels: Optional[int] = None) -> tf.data.Dataset:
+  """One (uint8 [H, W, 3], status): the record's image, or a skip status
+  (CORRUPT for a record that cannot be read or parsed)."""
+  return graph_decode.fallback(read_record(filename, offset).flat_map(
+      lambda record: graph_decode.decoded_bytes(
+          parse_image(record, image_key), max_pixels)), sources.CORRUPT)
 
 
 class TfrecordImageSource(sources.ImageSource):
   """Images of tf.train.Example shards, read by record index in graph ops.
 
   `files` (a list of TFRecord files, read in that order) replaces the glob
-  `path`; `image_key` names the feature holding the encoded image; `name`
-  defaults to tfrecord:PATH.
+  `path`, and `ranges` (one (skip, take) per file, take < 0: to the end)
+  keeps part of each; `image_key` names the feature holding the encoded
+  image; `name` defaults to tfrecord:PATH.
   """
 
   def __init__(self, path: str, cycle_length: int = 16,
                files: Optional[List[str]] = None,
-               image_key: str = IMAGE_KEY, name: Optional[str] = None):
+               image_key: str = IMAGE_KEY, name: Optional[str] = None,
+               ranges: Optional[List[Tuple[int, int]]] = None):
     super().__init__(name or f'tfrecord:{path}')
     self.path = path
     self.cycle_length = cycle_length
     self.image_key = image_key
     self._files = files
+    self._ranges = ranges
     self.counter = problems.ProblemCounter(self.name)
     self._index: Optional[Tuple[List[str], np.ndarray, np.ndarray]] = None
 
@@ -241,6 +177,9 @@ class TfrecordImageSource(sources.ImageSource):
         found, trailing = load_offsets(shard, keep=self._files is not None)
         if trailing:
           self.counter.add('truncated_shard')
+        if self._ranges:
+          skip, take = self._ranges[fid]
+          found = found[skip:] if take < 0 else found[skip:skip + take]
         ids.append(np.full(found.shape, fid, np.int32))
         offsets.append(found)
       self._index = (files, np.concatenate(ids), np.concatenate(offsets))
@@ -268,19 +207,11 @@ class TfrecordImageSource(sources.ImageSource):
     files = tf.constant(files)
     file_ids = tf.constant(file_ids)
     offsets = tf.constant(offsets)
-    n = len(self)
-    counter = self.counter
-
-    def _element(k):
-      i = sources._epoch_permutation_index(k, n, seed)  # pylint: disable=protected-access
-      return decoded_record(files[file_ids[i]], offsets[i],
-                            self.image_key).map(
-                                lambda image, status: (k, image, status))
-
-    ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max).interleave(
-        _element, cycle_length=self.cycle_length, block_length=1,
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return problems.carry_counts(ds, counter, sources.SKIPPED)
+    max_pixels = self.max_image_pixels
+    return problems.counted_stream(
+        self, seed, start, lambda i: decoded_record(
+            files[file_ids[i]], offsets[i], self.image_key, max_pixels),
+        self.cycle_length)
 
   def images(self, seed, start=0):
     """(index, image); counts go to the counter through numpy_function (use
@@ -311,8 +242,6 @@ def _check_file(path: str) -> Tuple[Optional[bytes], str]:
       data = f.read()
   except OSError:
     return None, 'skipped_unreadable'
-  if data[:4] == b'RIFF':  # WebP: OpenCV reads it, TensorFlow's decoder not.
-    return None, 'skipped_webp'
   _, status = sources.decode_image_bytes(data)
   if status in sources.SKIPPED:
     return None, sources.STATUS_NAMES[status]

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtssl.utils import io_utils
+from mtssl.data import graph_decode
 from mtssl.data import image_records
 from mtssl.data import sources
 
@@ -162,9 +163,9 @@ def decoded_example(filename, offset, codes: Dict[str, int]) -> tf.data.Dataset:
             fields['label_width'])
 
   def _decode(frame, label, height, width):
-    status = image_records.header_status(frame)
+    status = graph_decode.header_status(frame)
     image, status = tf.cond(
-        tf.equal(status, sources.OK), lambda: image_records.decode_rgb(frame),
+        tf.equal(status, sources.OK), lambda: graph_decode.decode_rgb(frame),
         lambda: (tf.zeros([1, 1, 3], tf.uint8), tf.constant(-1)))
     values = tf.io.decode_raw(label, tf.uint8)
     label_ok = ((height > 0) & (width > 0)

@@ -137,23 +137,13 @@ class MotionRecordSource(MotionSource):
     files = tf.constant(list(index.files))
     file_ids = tf.constant(index.file_ids)
     offsets = tf.constant(index.offsets)
-    n = len(index)
     counter = self.counter
     bad = (records.BAD_RECORD, records.BAD_FRAME, records.BAD_LABEL)
     codes = {reason: counter.code(reason) for reason in bad}
-
-    def _element(k):
-      i = sources._epoch_permutation_index(k, n, seed)  # pylint: disable=protected-access
-      return records.decoded_example(files[file_ids[i]], offsets[i],
-                                     codes).map(
-                                         lambda frame, label, code:
-                                         (k, frame, label, code))
-
-    ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max).interleave(
-        _element, cycle_length=self.cycle_length, block_length=1,
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return problems.carry_counts(ds, counter,
-                                 [codes[r] for r in bad] + list(sources.SKIPPED))
+    return problems.counted_stream(
+        self, seed, start, lambda i: records.decoded_example(
+            files[file_ids[i]], offsets[i], codes), self.cycle_length,
+        [codes[r] for r in bad] + list(sources.SKIPPED))
 
   def examples(self, seed, start=0):
     """(index, frame, label); counts go to the counter through

@@ -79,32 +79,75 @@ def is_graph_only(source) -> bool:
       hasattr(source, 'counted_images') or hasattr(source, 'counted_examples'))
 
 
+def _stop_after_limit(counter, streak, counts, reason: str = '',
+                      shown=None):
+  """`counts`, once `streak` (skips in a row) is below `counter.limit`; else
+  an error that `sources.raise_if_stalled` turns into the source's
+  DataSourceError, with the counts `shown` (default `counts`)."""
+  if not counter.limit:
+    return counts
+  why = f'{reason}; {counter.limit_reason}' if reason else counter.limit_reason
+
+  def _message():
+    return tf.strings.join([
+        f'{sources.STALLED_MARKER}{counter.name}: {counter.limit} elements in '
+        f'a row skipped ({why}); counts so far: ',
+        _describe(counter, counts if shown is None else shown),
+        '. The source yields no usable data.'])
+
+  ok = streak < counter.limit
+  with tf.control_dependencies([tf.debugging.Assert(ok, [tf.cond(
+      ok, lambda: tf.constant(''), _message)])]):
+    return tf.identity(counts)
+
+
+def _describe(counter, counts) -> tf.Tensor:
+  """'reason n, ...' of a counts vector (the reasons known when traced)."""
+  names = counter.reasons + [f'reason_{i}' for i in
+                             range(len(counter.reasons), MAX_REASONS)]
+  parts = tf.strings.join([tf.constant(names), tf.strings.as_string(counts)],
+                          ' ')
+  return tf.strings.reduce_join(tf.boolean_mask(parts, counts > 0),
+                                separator=', ')
+
+
 def carry_counts(ds: tf.data.Dataset, counter, skipped) -> tf.data.Dataset:
   """(index, *payload, status code) elements -> (index, *payload, counts) of
   the kept ones: an element whose status is in `skipped` is dropped and its
   count carried to the next kept element, with that element's own status.
   `counter.limit` skips in a row stop the stream with an error that
   `sources.raise_if_stalled` turns into the source's DataSourceError."""
-  limit = counter.limit
-  stalled = (f'{sources.STALLED_MARKER}{counter.name}: {limit} elements in a '
-             f'row skipped ({counter.limit_reason}). The source yields no '
-             f'usable data.')
-
   def _carry(state, element):
     pending, streak = state
     counts = pending + counter.one_hot(element[-1])
     ok = tf.reduce_all(tf.not_equal(tf.cast(element[-1], tf.int64),
                                     tf.constant(skipped, tf.int64)))
     streak = tf.where(ok, tf.constant(0, tf.int64), streak + 1)
-    if limit:
-      with tf.control_dependencies([tf.debugging.Assert(
-          streak < limit, [stalled])]):
-        counts = tf.identity(counts)
+    counts = _stop_after_limit(counter, streak, counts)
     return ((tf.where(ok, counter.zeros(), counts), streak),
             (element[:-1] + (counts,), ok))
 
   return ds.scan((counter.zeros(), tf.constant(0, tf.int64)), _carry).filter(
       lambda element, ok: ok).map(lambda element, ok: element)
+
+
+def counted_stream(source, seed: int, start: int, element: Callable,
+                   cycle_length: int = 16,
+                   skipped=sources.SKIPPED) -> tf.data.Dataset:
+  """Endless (index, *payload, counts) of a graph-only source from `start`:
+  `element(i)` is a dataset of one (*payload, status) for item i of the
+  source's `epoch_size()` items, visited in an order reshuffled per epoch;
+  statuses in `skipped` are dropped and counted (`carry_counts`)."""
+  n = source.epoch_size()
+
+  def _element(k):
+    i = sources.epoch_permutation_index(k, n, seed)
+    return element(i).map(lambda *payload: (k,) + payload)
+
+  ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max).interleave(
+      _element, cycle_length=cycle_length, block_length=1,
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return carry_counts(ds, source.counter, skipped)
 
 
 def count_with(counter, ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -169,12 +212,15 @@ def filter_counted(ds: tf.data.Dataset, counter, predicate: Callable,
   dropped = counter.one_hot(reason)
 
   def _step(state, element):
+    pending, streak = state
     keep = predicate(*element)
     features = dict(element[0])
-    counts = features[PROBLEMS_KEY] + state
-    features[PROBLEMS_KEY] = counts
-    new_state = tf.where(keep, tf.zeros_like(counts), counts + dropped)
-    return new_state, ((features,) + tuple(element[1:]), keep)
+    counts = features[PROBLEMS_KEY] + pending
+    streak = tf.where(keep, tf.constant(0, tf.int64), streak + 1)
+    pending = tf.where(keep, tf.zeros_like(counts), counts + dropped)
+    features[PROBLEMS_KEY] = _stop_after_limit(counter, streak, counts, reason,
+                                               shown=pending)
+    return (pending, streak), ((features,) + tuple(element[1:]), keep)
 
   def _kept(element, keep):
     del element
@@ -184,7 +230,8 @@ def filter_counted(ds: tf.data.Dataset, counter, predicate: Callable,
     del keep
     return element
 
-  return ds.scan(counter.zeros(), _step).filter(_kept).map(_element)
+  return ds.scan((counter.zeros(), tf.constant(0, tf.int64)), _step).filter(
+      _kept).map(_element)
 
 
 def count_in_process(ds: tf.data.Dataset, counter) -> tf.data.Dataset:

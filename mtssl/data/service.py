@@ -65,7 +65,8 @@ def check_servable(task: str, source) -> None:
     raise DataServiceError(
         f'{task}_data={source.name}: this source runs Python per example '
         f'(tf.numpy_function), which tf.data service workers cannot run; '
-        f'serve tfrecord: shards (tools/make_shards.py) instead.')
+        f'serve a folder: or tfrecord: source (tools/make_shards.py) '
+        f'instead.')
 
 
 def raise_if_job_lost(error: Exception, task: str, address: str) -> None:

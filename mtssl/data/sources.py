@@ -1,6 +1,9 @@
-"""Image sources of every task: `synthetic`, `folder:/path`, `tfds:NAME[:SPLIT]`.
+"""Image sources of every task: `synthetic`, `folder:/path`, `tfds:NAME[:SPLIT]`,
+`tfrecord:/dir/or/glob`.
 
-`tfds:` sources are in mtssl.data.tfds_source.
+This module holds the source interface, the Python decoder and counters, and
+the synthetic source; the others are in mtssl.data.folder_source,
+tfds_source and image_records.
 
 A source is a position-addressed stream of RGB uint8 images (element k
 fixed by (seed, k)). Undecodable or converted images are counted by reason
@@ -240,18 +243,11 @@ def decode_image_bytes(data: bytes, max_pixels: Optional[int] = None
 
 
 def decode_in_dataset(encoded: tf.Tensor, counter: SkipCounter,
-                      max_pixels: Optional[int] = None, is_path: bool = False):
-  """tf.data map fn: bytes (or, with `is_path`, a file name to read) ->
-  (uint8 [H, W, 3] image, ok flag); counts the status."""
+                      max_pixels: Optional[int] = None):
+  """tf.data map fn: bytes -> (uint8 [H, W, 3] image, ok flag), through
+  OpenCV; counts the status."""
   def _decode(data):
     data = bytes(data)
-    if is_path:
-      try:
-        with open(data, 'rb') as f:
-          data = f.read()
-      except OSError:
-        counter.add(STATUS_NAMES[UNREADABLE])
-        return np.zeros((1, 1, 3), np.uint8), False
     image, status = decode_image_bytes(data, max_pixels)
     counter.add(STATUS_NAMES[status])
     if image is None:
@@ -350,62 +346,12 @@ def list_image_files(root: str):
   return files
 
 
-def _epoch_permutation_index(k, n, seed):
+def epoch_permutation_index(k, n, seed):
   """Position k of an endless stream over n items, reshuffled every epoch."""
   epoch = k // n
   pos = k % n
   return tf.random.experimental.index_shuffle(
       pos, seed=tf.stack([tf.cast(seed, tf.int64), epoch]), max_index=n - 1)
-
-
-class FolderImageSource(ImageSource):
-  """Every image file below a folder (nested folders included), endlessly.
-
-  Each epoch visits every file once in an order shuffled by (seed, epoch).
-  """
-
-  def __init__(self, root: str):
-    super().__init__(f'folder:{root}')
-    self.root = root
-    self._files = None
-
-  @property
-  def files(self):
-    if self._files is None:
-      self._files = list_image_files(self.root)
-    return self._files
-
-  def validate(self):
-    if not os.path.isdir(self.root):
-      raise DataSourceError(f'Image folder {self.root!r} does not exist or is '
-                            f'not a directory.')
-    if not self.files:
-      raise DataSourceError(
-          f'Image folder {self.root!r} contains no image files '
-          f'({", ".join(IMAGE_EXTENSIONS)}).')
-
-  def epoch_size(self):
-    return len(self.files)
-
-  def images(self, seed, start=0):
-    self.validate()
-    self._arm_counter()
-    files = tf.constant(self.files)
-    n = len(self.files)
-    counter = self.counter
-    max_pixels = self.max_image_pixels
-
-    def _read(k):
-      i = _epoch_permutation_index(k, n, seed)
-      # Read inside the decoder: a file deleted mid-run is a counted skip.
-      image, ok = decode_in_dataset(files[i], counter, max_pixels,
-                                    is_path=True)
-      return k, image, ok
-
-    ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max).map(
-        _read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.filter(lambda k, image, ok: counter.keep(ok, 'decode', count=False))
-    return ds.map(lambda k, image, ok: (k, image))
 
 
 def make_image_source(spec: str, tfds_data_dir: Optional[str] = None,
@@ -415,7 +361,8 @@ def make_image_source(spec: str, tfds_data_dir: Optional[str] = None,
     return SyntheticImageSource(*synthetic_size)
   kind, _, rest = spec.partition(':')
   if kind == 'folder' and rest:
-    return FolderImageSource(os.path.expanduser(rest))
+    from mtssl.data import folder_source  # pylint: disable=g-import-not-at-top
+    return folder_source.FolderImageSource(os.path.expanduser(rest))
   if kind == 'tfds' and rest:
     from mtssl.data import tfds_source  # pylint: disable=g-import-not-at-top
     name, _, split = rest.partition(':')

@@ -282,7 +282,7 @@ class FolderClassification(LabeledSource):
   def train(self, seed, start=0):
     self.validate()
     n = len(self._files)
-    fn = self._read(lambda k: sources._epoch_permutation_index(k, n, seed))  # pylint: disable=protected-access
+    fn = self._read(lambda k: sources.epoch_permutation_index(k, n, seed))
     return self._finish(tf.data.Dataset.range(start, _INT64_MAX).map(
         fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
 

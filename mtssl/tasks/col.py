@@ -381,6 +381,7 @@ def estimate_prior(task: ColorizationTask, source, num_images: int,
     raise ValueError(f'num_images must be positive, got {num_images}.')
   source.validate()
   ds = task.examples(source, seed).take(num_images).batch(batch_size)
+  ds = problems.count_in_process(ds, source.counter)
   ds = ds.map(lambda f, l: ab_bins.nearest_bin(l['ab']),
               num_parallel_calls=tf.data.AUTOTUNE)
   counts = np.zeros(ab_bins.NUM_BINS, np.int64)
