@@ -1,8 +1,8 @@
 """`tfds:NAME[:SPLIT]`: images of a dataset TFDS has already prepared.
 
-A whole split stored as TFRecord files (TFDS's default) is read as
-`tfrecord:` shards (`TfdsImageSource.as_shards`: graph ops, any start
-position at once); a split slice or another file format goes through tfds.
+A split (or a slice of one, 'train[:10%]') stored as TFRecord files (TFDS's
+default) is read as `tfrecord:` shards (`TfdsImageSource.as_shards`: graph
+ops, any start position at once); another file format goes through tfds.
 """
 
 import os
@@ -56,14 +56,12 @@ class TfdsImageSource(sources.ImageSource):
           f'it has {sorted(builder.info.features)}.')
 
   def as_shards(self):
-    """The prepared split's TFRecord files as a `tfrecord:` source (graph
-    ops only, random access: a stream starts at any position at once), or
-    None where that cannot be: a split slice ('train[:10%]'), another file
+    """The prepared split's TFRecord files (the records of its slice) as a
+    `tfrecord:` source (graph ops only, random access: a stream starts at
+    any position at once), or None where that cannot be: another file
     format, an image feature that is not one encoded image, or a dataset
     that is not prepared (validate() then says so)."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    if '[' in self.split:
-      return None
     try:
       self.validate()
     except sources.DataSourceError:
@@ -73,12 +71,19 @@ class TfdsImageSource(sources.ImageSource):
     if (info.file_format != tfds.core.file_adapters.FileFormat.TFRECORD
         or not isinstance(feature, tfds.features.Image)):
       return None
-    files = [os.fspath(p) for p in info.splits[self.split].filepaths]
-    if not all(os.path.isfile(f) for f in files):
+    try:
+      instructions = info.splits[self.split].file_instructions
+    except Exception as e:  # pylint: disable=broad-except
+      raise sources.DataSourceError(
+          f'TFDS split {self.split!r} of {self.dataset!r}: '
+          f'{str(e).splitlines()[0]}') from None
+    files = [os.fspath(i.filename) for i in instructions]
+    if not files or not all(os.path.isfile(f) for f in files):
       return None
     from mtssl.data import image_records  # pylint: disable=g-import-not-at-top
     return image_records.TfrecordImageSource(
-        self.name, files=files, image_key=self.image_key, name=self.name)
+        self.name, files=files, image_key=self.image_key, name=self.name,
+        ranges=[(int(i.skip), int(i.take)) for i in instructions])
 
   def records(self, seed, start=0, decoders=None):
     """Endless, seeded record stream (images left encoded), from `start`."""
