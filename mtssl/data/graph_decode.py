@@ -60,26 +60,31 @@ def header_pixels(data) -> tf.Tensor:
   head = _head(data)
   chunk = tf.strings.substr(head, 12, 4)
   webp = _is_webp(head)
+  lossless = _uint(head, 21, 4)
+  # Every candidate is arithmetic on the zero-padded head; JPEG's size is in
+  # a marker segment at no fixed place, so its parser runs only for JPEGs.
+  sizes = [
+      (_is_png(head) & (n >= 24),
+       _uint(head, 16, 4, True) * _uint(head, 20, 4, True)),
+      (tf.equal(tf.strings.substr(head, 0, 2), b'BM') & (n >= 26),
+       tf.abs(_signed32(_uint(head, 18, 4)))
+       * tf.abs(_signed32(_uint(head, 22, 4)))),
+      (webp & tf.equal(chunk, b'VP8X') & (n >= 30),
+       (_uint(head, 24, 3) + 1) * (_uint(head, 27, 3) + 1)),
+      (webp & tf.equal(chunk, b'VP8 ') & (n >= 30),
+       (_uint(head, 26, 2) % 16384) * (_uint(head, 28, 2) % 16384)),
+      (webp & tf.equal(chunk, b'VP8L') & (n >= 25),
+       (lossless % 16384 + 1) * (lossless // 16384 % 16384 + 1)),
+  ]
+  pixels = tf.constant(-1, tf.int64)
+  for known, size in reversed(sizes):
+    pixels = tf.where(known, size, pixels)
 
   def _jpeg():
     shape = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
     return shape[0] * shape[1]
 
-  return tf.case([
-      (_is_png(head) & (n >= 24), lambda: (_uint(head, 16, 4, True)
-                                           * _uint(head, 20, 4, True))),
-      (_is_jpeg(head), _jpeg),
-      (tf.equal(tf.strings.substr(head, 0, 2), b'BM') & (n >= 26),
-       lambda: (tf.abs(_signed32(_uint(head, 18, 4)))
-                * tf.abs(_signed32(_uint(head, 22, 4))))),
-      (webp & tf.equal(chunk, b'VP8X') & (n >= 30),
-       lambda: (_uint(head, 24, 3) + 1) * (_uint(head, 27, 3) + 1)),
-      (webp & tf.equal(chunk, b'VP8 ') & (n >= 30),
-       lambda: ((_uint(head, 26, 2) % 16384) * (_uint(head, 28, 2) % 16384))),
-      (webp & tf.equal(chunk, b'VP8L') & (n >= 25),
-       lambda: ((_uint(head, 21, 4) % 16384 + 1)
-                * (_uint(head, 21, 4) // 16384 % 16384 + 1))),
-  ], default=lambda: tf.constant(-1, tf.int64))
+  return tf.cond(_is_jpeg(head), _jpeg, lambda: pixels)
 
 
 def _webp_has_alpha(head) -> tf.Tensor:
@@ -186,9 +191,25 @@ def decoded_bytes(data, max_pixels: Optional[int] = None) -> tf.data.Dataset:
       lambda d: decode_checked(d, max_pixels)), sources.CORRUPT)
 
 
+def literal_glob(path):
+  return tf.strings.regex_replace(path, r'([\*\?\[])', r'[\1]')
+
+
+def existing(path) -> tf.Tensor:
+  """Whether the file `path` exists (a glob of the literal name)."""
+  return tf.size(tf.io.matching_files(literal_glob(path))) > 0
+
+
 def decoded_file(path, max_pixels: Optional[int] = None) -> tf.data.Dataset:
-  """One (image, status) of an image file: UNREADABLE where it cannot be
-  read (deleted since it was listed, say)."""
-  read = tf.data.Dataset.from_tensors(path).map(tf.io.read_file)
-  return fallback(read.flat_map(lambda d: decoded_bytes(d, max_pixels)),
-                  sources.UNREADABLE)
+  """One (image, status) of an image file: UNREADABLE where it is gone
+  (deleted since it was listed, say), CORRUPT where reading or decoding
+  fails.
+
+  One dataset level (a map and its fallback): nested per-file datasets cost
+  several times more per element."""
+  def _read_and_decode(path):
+    return tf.cond(existing(path), lambda: decode_checked(
+        tf.io.read_file(path), max_pixels), lambda: _skip(sources.UNREADABLE))
+
+  return fallback(tf.data.Dataset.from_tensors(path).map(_read_and_decode),
+                  sources.CORRUPT)

@@ -116,13 +116,9 @@ class _RecordAt(dataset_ops.DatasetSource):
     return tensor_spec.TensorSpec([], tf.string)
 
 
-def _literal_glob(path):
-  return tf.strings.regex_replace(path, r'([\*\?\[])', r'[\1]')
-
-
 def read_record(filename, offset) -> tf.data.Dataset:
   """At most one record: the one at `offset`; none if the file is gone."""
-  files = tf.io.matching_files(_literal_glob(filename))
+  files = tf.io.matching_files(graph_decode.literal_glob(filename))
   return _RecordAt(files, tf.fill(tf.shape(files), offset)).take(1)
 
 
@@ -136,8 +132,8 @@ def decoded_record(filename, offset, image_key: str = IMAGE_KEY,
                    max_pixels: Optional[int] = None) -> tf.data.Dataset:
   """One (uint8 [H, W, 3], status): the record's image, or a skip status
   (CORRUPT for a record that cannot be read or parsed)."""
-  return graph_decode.fallback(read_record(filename, offset).flat_map(
-      lambda record: graph_decode.decoded_bytes(
+  return graph_decode.fallback(read_record(filename, offset).map(
+      lambda record: graph_decode.decode_checked(
           parse_image(record, image_key), max_pixels)), sources.CORRUPT)
 
 
