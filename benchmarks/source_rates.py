@@ -197,7 +197,7 @@ def main(argv) -> int:
     lines = [
         '# Image sources: per-core rate and resume cost', '',
         f'{report["cpus"]} CPUs, load average {report["load_average"][0]:.1f} '
-        f'at the start (other jobs shared the machine), TensorFlow '
+        f'(1 minute) at the start, TensorFlow '
         f'{report["tensorflow"]}; {_IMAGES.value} synthetic 375x500 JPEG '
         f'images (quality 90); one tf.data thread per pipeline, batches of '
         f'{batch}.', '',
