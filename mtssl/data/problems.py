@@ -79,6 +79,18 @@ def is_graph_only(source) -> bool:
       hasattr(source, 'counted_images') or hasattr(source, 'counted_examples'))
 
 
+def _kept(element, keep):
+  """Of the (element, keep) pairs a counting scan yields: the flag."""
+  del element
+  return keep
+
+
+def _element(element, keep):
+  """Of the (element, keep) pairs a counting scan yields: the element."""
+  del keep
+  return element
+
+
 def _stop_after_limit(counter, streak, counts, reason: str = '',
                       shown=None):
   """`counts`, once `streak` (skips in a row) is below `counter.limit`; else
@@ -128,7 +140,7 @@ def carry_counts(ds: tf.data.Dataset, counter, skipped) -> tf.data.Dataset:
             (element[:-1] + (counts,), ok))
 
   return ds.scan((counter.zeros(), tf.constant(0, tf.int64)), _carry).filter(
-      lambda element, ok: ok).map(lambda element, ok: element)
+      _kept).map(_element)
 
 
 def counted_stream(source, seed: int, start: int, element: Callable,
@@ -140,12 +152,12 @@ def counted_stream(source, seed: int, start: int, element: Callable,
   statuses in `skipped` are dropped and counted (`carry_counts`)."""
   n = source.epoch_size()
 
-  def _element(k):
+  def _at(k):
     i = sources.epoch_permutation_index(k, n, seed)
     return element(i).map(lambda *payload: (k,) + payload)
 
   ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max).interleave(
-      _element, cycle_length=cycle_length, block_length=1,
+      _at, cycle_length=cycle_length, block_length=1,
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return carry_counts(ds, source.counter, skipped)
 
@@ -221,14 +233,6 @@ def filter_counted(ds: tf.data.Dataset, counter, predicate: Callable,
     features[PROBLEMS_KEY] = _stop_after_limit(counter, streak, counts, reason,
                                                shown=pending)
     return (pending, streak), ((features,) + tuple(element[1:]), keep)
-
-  def _kept(element, keep):
-    del element
-    return keep
-
-  def _element(element, keep):
-    del keep
-    return element
 
   return ds.scan((counter.zeros(), tf.constant(0, tf.int64)), _step).filter(
       _kept).map(_element)
