@@ -7,6 +7,7 @@ TensorFlow cannot read or decode becomes a skip status, never an error.
 Typical use:
 
     ds = decoded_file(path, max_pixels)   # one (uint8 [H, W, 3], status)
+    image, status = decode_checked(data)  # inside a dataset with `fallback`
 """
 
 from typing import Optional, Tuple
@@ -163,7 +164,7 @@ def decode_rgb(data) -> Tuple[tf.Tensor, tf.Tensor]:
 
 
 def _skip(status):
-  return tf.zeros([1, 1, 3], tf.uint8), tf.constant(status)
+  return tf.zeros([1, 1, 3], tf.uint8), tf.convert_to_tensor(status)
 
 
 def decode_checked(data, max_pixels: Optional[int] = None):
@@ -175,7 +176,7 @@ def decode_checked(data, max_pixels: Optional[int] = None):
         header_pixels(data) > max_pixels, sources.TOO_LARGE, sources.OK),
                      lambda: status)
   return tf.cond(tf.equal(status, sources.OK), lambda: decode_rgb(data),
-                 lambda: (tf.zeros([1, 1, 3], tf.uint8), status))
+                 lambda: _skip(status))
 
 
 def fallback(ds: tf.data.Dataset, status: int) -> tf.data.Dataset:
@@ -185,17 +186,11 @@ def fallback(ds: tf.data.Dataset, status: int) -> tf.data.Dataset:
       tf.data.Dataset.from_tensors(_skip(status))).take(1)
 
 
-def decoded_bytes(data, max_pixels: Optional[int] = None) -> tf.data.Dataset:
-  """One (image, status): `data` decoded, or CORRUPT where decoding fails."""
-  return fallback(tf.data.Dataset.from_tensors(data).map(
-      lambda d: decode_checked(d, max_pixels)), sources.CORRUPT)
-
-
 def literal_glob(path):
   return tf.strings.regex_replace(path, r'([\*\?\[])', r'[\1]')
 
 
-def existing(path) -> tf.Tensor:
+def _existing(path) -> tf.Tensor:
   """Whether the file `path` exists (a glob of the literal name)."""
   return tf.size(tf.io.matching_files(literal_glob(path))) > 0
 
@@ -208,7 +203,7 @@ def decoded_file(path, max_pixels: Optional[int] = None) -> tf.data.Dataset:
   One dataset level (a map and its fallback): nested per-file datasets cost
   several times more per element."""
   def _read_and_decode(path):
-    return tf.cond(existing(path), lambda: decode_checked(
+    return tf.cond(_existing(path), lambda: decode_checked(
         tf.io.read_file(path), max_pixels), lambda: _skip(sources.UNREADABLE))
 
   return fallback(tf.data.Dataset.from_tensors(path).map(_read_and_decode),
