@@ -11,6 +11,7 @@ Typical use:
 """
 
 import dataclasses
+import functools
 from typing import List, Tuple
 
 import cv2
@@ -140,14 +141,17 @@ def _shape_mask(shape, height, width) -> np.ndarray:
 def _sky_and_ground(rng, height, width, horizon):
   """Background image (float RGB 0-255) and depth map."""
   yy = np.arange(height, dtype=np.float32)[:, None]
-  image = np.zeros((height, width, 3), np.float32)
+  # Rows above the horizon show sky, the others ground; each is computed
+  # where it shows, from draws over the whole image.
+  is_sky = yy < horizon
+  k = int(np.count_nonzero(is_sky))
   # Sky: a time-of-day hue, brighter toward the horizon, with clouds.
   sky_hue = rng.choice([105.0, 100.0, 115.0, 15.0]) + rng.normal(0, 4)
   top = _hsv_to_rgb(sky_hue, rng.uniform(120, 220), rng.uniform(120, 200))
   bottom = _hsv_to_rgb(sky_hue, rng.uniform(20, 90), rng.uniform(200, 250))
-  t = np.clip(yy / max(horizon, 1), 0, 1)[..., None]
+  t = np.clip(yy[:k] / max(horizon, 1), 0, 1)[..., None]
   sky = top * (1 - t) + bottom * t
-  clouds = smooth_noise(rng, height, width, width / rng.uniform(2, 5))
+  clouds = smooth_noise(rng, height, width, width / rng.uniform(2, 5))[:k]
   clouds = np.clip((clouds - rng.uniform(0.45, 0.7)) * 3, 0, 1)[..., None]
   sky = sky * (1 - clouds * 0.8) + 245 * clouds * 0.8
   # Ground: a ground-cover hue with a perspective texture.
@@ -157,19 +161,19 @@ def _sky_and_ground(rng, height, width, horizon):
   dark = base * rng.uniform(0.45, 0.7)
   rows = np.maximum(yy - horizon, 0.5)
   depth_ground = np.clip(CAMERA_HEIGHT * height / rows, MIN_DEPTH, MAX_DEPTH)
+  near = depth_ground[k:]
   # Texture in ground coordinates: x spreads with depth, z is depth.
   xx = (np.arange(width, dtype=np.float32)[None, :] - width / 2) / width
-  gx = xx * depth_ground * rng.uniform(6, 12)
-  gz = depth_ground * rng.uniform(2, 5)
+  gx = xx * near * rng.uniform(6, 12)
+  gz = near * rng.uniform(2, 5)
   tex = 0.5 + 0.25 * np.sin(gz + 0.7 * np.sin(gx)) + 0.25 * np.sin(1.7 * gx)
-  grain = smooth_noise(rng, height, width, rng.uniform(3, 8), octaves=2)
+  grain = smooth_noise(rng, height, width, rng.uniform(3, 8), octaves=2)[k:]
   tex = np.clip(0.7 * tex + 0.3 * grain, 0, 1)[..., None]
   ground = dark + (base - dark) * tex
-  haze = np.clip(depth_ground / MAX_DEPTH, 0, 1)[..., None] ** 2
+  haze = np.clip(near / MAX_DEPTH, 0, 1)[..., None] ** 2
   ground = ground * (1 - 0.5 * haze) + bottom * 0.5 * haze
-  is_sky = (yy < horizon)[..., None]
-  image[:] = np.where(is_sky, sky, ground)
-  depth = np.where(yy < horizon, MAX_DEPTH, depth_ground).astype(np.float32)
+  image = np.concatenate([sky, ground]).astype(np.float32, copy=False)
+  depth = np.where(is_sky, MAX_DEPTH, depth_ground).astype(np.float32)
   depth = np.broadcast_to(depth, (height, width)).copy()
   return image, depth
 
@@ -191,7 +195,8 @@ def _object_surface(rng, cls, obj_h, obj_w) -> np.ndarray:
 
 def _draw_object(rng, image, depth, instances, cls, obj_id, bottom_y, center_x,
                  horizon, height, width):
-  """Paints one object standing on the ground; returns its box or None."""
+  """Paints one object standing on the ground; returns the (y0, y1, x0, x1)
+  window it may cover and its painted pixel count, or None."""
   shape, _, _, _, aspect, real_h = CLASS_STYLES[cls]
   z = float(np.clip(CAMERA_HEIGHT * height / max(bottom_y - horizon, 0.5),
                     MIN_DEPTH, MAX_DEPTH))
@@ -220,7 +225,18 @@ def _draw_object(rng, image, depth, instances, cls, obj_id, bottom_y, center_x,
   region[mask] = surface[mask]
   depth[y0c:y1c, x0c:x1c][mask] = z
   instances[y0c:y1c, x0c:x1c][mask] = obj_id
-  return z
+  return (y0c, y1c, x0c, x1c), int(np.count_nonzero(mask))
+
+
+@functools.lru_cache(maxsize=16)
+def _vignette(height: int, width: int) -> np.ndarray:
+  """Per-pixel gain [H, W, 1] of the camera's vignetting (read-only)."""
+  yy = np.arange(height, dtype=np.float32)[:, None]
+  xx = np.arange(width, dtype=np.float32)[None, :]
+  r2 = (yy / height - 0.5) ** 2 + (xx / width - 0.5) ** 2
+  gain = (1 - 0.35 * r2)[..., None]
+  gain.flags.writeable = False
+  return gain
 
 
 def render_scene(seed: int, index: int, height: int = 256, width: int = 256,
@@ -255,38 +271,38 @@ def render_scene(seed: int, index: int, height: int = 256, width: int = 256,
                             [rng.uniform(0.3, 0.7) * width]])
   order = np.argsort(bottoms, kind='stable')
   classes, bottoms, centers = classes[order], bottoms[order], centers[order]
-  drawn: List[Tuple[int, int]] = []
+  drawn: List[Tuple[int, int, Tuple[int, int, int, int]]] = []
   areas = []
   nearest_class = None
   for cls, by, cx in zip(classes, bottoms, centers):
     obj_id = len(drawn) + 1
-    if _draw_object(rng, image, depth, instances, int(cls), obj_id, by, cx,
-                    horizon, height, width) is not None:
-      drawn.append((obj_id, int(cls)))
-      areas.append(int(np.sum(instances == obj_id)))
+    painted = _draw_object(rng, image, depth, instances, int(cls), obj_id, by,
+                           cx, horizon, height, width)
+    if painted is not None:
+      drawn.append((obj_id, int(cls), painted[0]))
+      areas.append(painted[1])
       nearest_class = int(cls)
   # Camera effects: slight blur, grain, vignetting.
   image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.3, 0.8))
   image += rng.normal(0, rng.uniform(1, 4), image.shape).astype(np.float32)
-  yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-  r2 = ((yy / height - 0.5) ** 2 + (xx / width - 0.5) ** 2)
-  image *= (1 - 0.35 * r2)[..., None]
+  image *= _vignette(height, width)
   image = np.clip(image, 0, 255).astype(np.uint8)
 
+  # Objects painted over entirely by nearer ones are dropped; the others are
+  # numbered 1.. in painting order. An object's pixels lie in its window.
   boxes, out_classes, visible = [], [], []
-  for (obj_id, cls), full_area in zip(drawn, areas):
-    ys, xs = np.nonzero(instances == obj_id)
+  relabel = np.zeros(len(drawn) + 1, instances.dtype)
+  for (obj_id, cls, (y0, y1, x0, x1)), full_area in zip(drawn, areas):
+    ys, xs = np.nonzero(instances[y0:y1, x0:x1] == obj_id)
     if ys.size == 0:
       continue
-    boxes.append([ys.min(), xs.min(), ys.max() + 1, xs.max() + 1])
+    boxes.append([y0 + ys.min(), x0 + xs.min(), y0 + ys.max() + 1,
+                  x0 + xs.max() + 1])
     out_classes.append(cls)
     visible.append(ys.size / max(full_area, 1))
+    relabel[obj_id] = len(boxes)
   label = nearest_class if nearest_class is not None else int(classes[-1])
-  keep = [i for i, (obj_id, _) in enumerate(drawn)
-          if np.any(instances == obj_id)]
-  relabeled = np.zeros_like(instances)
-  for new_id, i in enumerate(keep, start=1):
-    relabeled[instances == drawn[i][0]] = new_id
+  relabeled = relabel[instances]
   return Scene(
       image=image,
       depth=depth,
