@@ -186,10 +186,12 @@ def map_examples(source, seed: int, start: int, fn: Callable,
   graph-only source features gain PROBLEMS_KEY: the source's counts plus the
   `counter.note` events of `fn`.
   """
+  fn = tf.autograph.experimental.do_not_convert(fn)
   if not is_graph_only(source):
     return source.images(seed, start).map(fn, **map_kwargs)
   counter = source.counter
 
+  @tf.autograph.experimental.do_not_convert
   def _fn(index, image, counts):
     notes = []
     stack = getattr(_collecting, 'stack', None)

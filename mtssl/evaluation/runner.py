@@ -212,8 +212,8 @@ def _next_batch(iterator):
 def evaluate(protocol: Protocol, batch_size: int,
              predict_fn=None) -> Dict[str, object]:
   """Runs the protocol's evaluation split through the model; metrics dict."""
-  predict_fn = predict_fn or tf.function(protocol.predict,
-                                         reduce_retracing=True)
+  predict_fn = predict_fn or tf.function(
+      protocol.predict, reduce_retracing=True, autograph=False)
   accumulator = protocol.new_accumulator()
   iterator = iter(protocol.eval_dataset(batch_size))
   while True:
@@ -243,7 +243,7 @@ class _TrainStep:
     self.protocol = protocol
     self.update = core.GuardedUpdate(optimizer, protocol.trainable_variables(),
                                      protocol.moving_statistics())
-    self.fn = tf.function(self._step, reduce_retracing=True)
+    self.fn = tf.function(self._step, reduce_retracing=True, autograph=False)
 
   def _step(self, batch):
     result = self.update.gradients(lambda: self.protocol.losses(batch))
@@ -289,7 +289,8 @@ def run(protocol: Protocol, config: RunConfig,
       os.path.join(config.model_dir, 'train'))
   eval_writer = tf.summary.create_file_writer(
       os.path.join(config.model_dir, 'eval'))
-  predict_fn = tf.function(protocol.predict, reduce_retracing=True)
+  predict_fn = tf.function(protocol.predict, reduce_retracing=True,
+                           autograph=False)
 
   iterator = iter(protocol.train_dataset(config.seed, int(position),
                                          config.batch_size))

@@ -288,7 +288,8 @@ class ColorizationTask(base.Task):
     ds = self.examples(source, seed, start, crops=device).batch(
         batch_size, drop_remainder=True)
     if not device:
-      ds = ds.map(self.encode_targets, num_parallel_calls=tf.data.AUTOTUNE,
+      ds = ds.map(tf.autograph.experimental.do_not_convert(self.encode_targets),
+                  num_parallel_calls=tf.data.AUTOTUNE,
                   deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -335,7 +335,8 @@ class ExemplarTask(base.Task):
     ds = ds.batch(batch_size, drop_remainder=True)
     if self.config.device_preprocessing:
       return ds.map(lambda features: (features, {})).prefetch(tf.data.AUTOTUNE)
-    return ds.map(self.arrange_triplets).prefetch(tf.data.AUTOTUNE)
+    return ds.map(tf.autograph.experimental.do_not_convert(
+        self.arrange_triplets)).prefetch(tf.data.AUTOTUNE)
 
   def device_inputs(self, features, labels):
     """With device_preprocessing: the views' colour shifts, then the

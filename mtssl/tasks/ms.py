@@ -141,10 +141,12 @@ class MotionSegmentationTask(base.Task):
         return dict(features, **{problems.PROBLEMS_KEY: counts}), labels
 
       ds = source.counted_examples(seed, start).map(
-          _counted, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+          tf.autograph.experimental.do_not_convert(_counted),
+          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
       ds = source.examples(seed, start).map(
-          _example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+          tf.autograph.experimental.do_not_convert(_example),
+          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(
         tf.data.AUTOTUNE)
 

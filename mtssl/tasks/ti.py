@@ -150,7 +150,8 @@ class PairSource:
       return (k,) + tuple(out)
 
     ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max).map(
-        _map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        tf.autograph.experimental.do_not_convert(_map),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.filter(lambda *e: e[-1])
     return ds.map(lambda *e: e[:-1])
 
@@ -290,7 +291,8 @@ class TransitiveInvarianceTask(base.Task):
       return features, {'edge_type': kind}
 
     ds = source.pairs(seed, start).map(
-        _example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        tf.autograph.experimental.do_not_convert(_example),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True)
     counter = source.counter
 
@@ -301,7 +303,8 @@ class TransitiveInvarianceTask(base.Task):
                                      labels['valid'])
       return features, labels
 
-    return ds.map(_arrange).prefetch(tf.data.AUTOTUNE)
+    return ds.map(tf.autograph.experimental.do_not_convert(_arrange)).prefetch(
+        tf.data.AUTOTUNE)
 
   def trunk_images(self, features):
     return patches.flatten_groups(features['patches'])

@@ -38,7 +38,7 @@ class TaskTrainStep:
     self.variables = self.update.variables
     self.metrics = self.task.build_metrics()
     self._step = tf.function(self._train_step, jit_compile=jit_compile,
-                             reduce_retracing=True)
+                             reduce_retracing=True, autograph=False)
 
   def compute_gradients(self, features, labels,
                         moving_statistics: str = 'snapshot'):

@@ -110,8 +110,9 @@ class DistributedTrainer:
     logging.info('Built the model and its state on the parameter servers in '
                  '%.1f s.', time.time() - t0)
     self.writer = run.summary_writer()
-    self._work = tf.function(self.rounds.work_fn)
-    self._apply = {n: tf.function(functools.partial(self.rounds.apply_fn, n))
+    self._work = tf.function(self.rounds.work_fn, autograph=False)
+    self._apply = {n: tf.function(functools.partial(self.rounds.apply_fn, n),
+                                  autograph=False)
                    for n in self.names}
     return self
 
