@@ -210,52 +210,14 @@ class ClusterTest(tf.test.TestCase):
                        second_head):
       self.assertAllEqual(v.numpy(), want, msg=v.name)
 
-  def test_training_survives_a_killed_worker(self):
+  def test_restarts_resume_and_a_killed_worker_holds_back_its_group_only(self):
     model_dir = os.path.join(self.get_temp_dir(), 'run')
-    self.cluster.start_coordinator([f'--model_dir={model_dir}',
-                                    f'--task_steps={FIRST}:6,{SECOND}:14',
-                                    '--summary_every=1'])
-    self.wait_for_log(rf'\] {FIRST} 2 st')
-    self.cluster.kill(local_cluster.WORKER, 1)  # FIRST's rank 1
-    first, second = self.task_rounds(FIRST), self.task_rounds(SECOND)
-    # The cluster manager restarts the worker at once. While it starts (a new
-    # process: seconds), FIRST's group cannot finish a round, and the other
-    # task is not held back: it trains on; then FIRST continues too.
-    self.cluster.restart(local_cluster.WORKER, 1, wait=False)
-    self.wait_for_log(rf'{SECOND} {second + 2} st')
-    self.assertLessEqual(self.task_rounds(FIRST), first + 1)
-    self.assert_coordinator_exits(0)
-    result = read_result(model_dir)
-    self.assertEqual(result['task_steps'], {FIRST: 6, SECOND: 14})
-    self.assertEqual(result['worker_steps'], {FIRST: 12, SECOND: 14})
-    # Workers 0 and 1 train FIRST, worker 2 SECOND, and nothing else.
-    contributions = result['worker_contributions']
-    for worker, task in ((0, FIRST), (1, FIRST), (2, SECOND)):
-      self.assertEqual(set(contributions.get(str(worker), {task: 0})) - {task},
-                       set(), msg=contributions)
-    # Every task's metrics, as its workers compute them, in the progress
-    # lines and as scalars.
-    log = self.coordinator_log()
-    scalars = event_scalars(model_dir)
-    for name, metrics in (('rp', ('accuracy',)),
-                          ('col', ('accuracy', 'cross_entropy', 'ab_error'))):
-      self.assertRegex(log, rf'{name} \d+ st loss \S+ ' +
-                       ''.join(rf'.*{m} \S+' for m in metrics) +
-                       r' [\d.]+ ex/s input \d+%', msg=log[-4000:])
-      for key in ('loss', 'examples_per_second', 'input_wait_fraction',
-                  'skipped_steps') + metrics:
-        self.assertIn(f'{name}/{key}', scalars, msg=sorted(scalars))
-      self.assertTrue(all(0 <= v <= 1 for v in
-                          scalars[f'{name}/input_wait_fraction']))
-      self.assertTrue(all(v > 0 for v in
-                          scalars[f'{name}/examples_per_second']))
-      self.assertTrue(all(0 <= v <= 1 for v in scalars[f'{name}/accuracy']))
-      self.assertEqual(scalars[f'{name}/skipped_steps'][-1], 0)
-
-  def test_restarts_resume_from_the_last_checkpoint(self):
-    model_dir = os.path.join(self.get_temp_dir(), 'run')
-    flags = [f'--model_dir={model_dir}', f'--task_steps={FIRST}:6,{SECOND}:6',
-             '--checkpoint_every=2']
+    # Enough rounds that FIRST has 3 left after the ps is lost (at most 12
+    # global steps by then: checkpoints every 2 steps, waits below).
+    steps = {FIRST: 16, SECOND: 16}
+    flags = [f'--model_dir={model_dir}',
+             f'--task_steps={FIRST}:{steps[FIRST]},{SECOND}:{steps[SECOND]}',
+             '--checkpoint_every=2', '--summary_every=1']
     # 1. The coordinator is killed; a new one resumes with the per-task step
     #    counts of the last checkpoint.
     self.cluster.start_coordinator(flags)
@@ -282,16 +244,53 @@ class ClusterTest(tf.test.TestCase):
                      r'server')
     latest = tf.train.latest_checkpoint(model_dir)
     saved = checkpoint_task_steps(latest)
+    self.assertLessEqual(saved[FIRST] + 3, steps[FIRST], msg=saved)
     self.cluster.wait_ready(local_cluster.PS, 0, timeout=WAIT)
     self.cluster.start_coordinator(flags)
     resumed = self.wait_for_log(r'Resuming from (\S+) at global step (\d+), '
                                 r'task steps (\{.*?\})')
     self.assertEqual(resumed.group(1), latest)
     self.assertEqual(eval(resumed.group(3)), saved)  # pylint: disable=eval-used
+    # 3. A worker of FIRST's group is killed. The cluster manager restarts it
+    #    at once. While it starts (a new process: seconds), FIRST's group
+    #    cannot finish a round, and the other task is not held back: it
+    #    trains on; then FIRST continues too.
+    self.wait_for_log(rf'\] {FIRST} {saved[FIRST] + 2} st')
+    self.cluster.kill(local_cluster.WORKER, 1)  # FIRST's rank 1
+    first, second = self.task_rounds(FIRST), self.task_rounds(SECOND)
+    self.cluster.restart(local_cluster.WORKER, 1, wait=False)
+    self.wait_for_log(rf'{SECOND} {second + 2} st')
+    self.assertLessEqual(self.task_rounds(FIRST), first + 1)
     self.assert_coordinator_exits(0)
     result = read_result(model_dir)
-    self.assertEqual(result['task_steps'], {FIRST: 6, SECOND: 6})
-    self.assertEqual(result['global_step'], 12)
+    self.assertEqual(result['task_steps'], steps)
+    self.assertEqual(result['global_step'], sum(steps.values()))
+    # Rounds of all three coordinators: 2 workers per FIRST round.
+    self.assertEqual(result['worker_steps'],
+                     {FIRST: 2 * steps[FIRST], SECOND: steps[SECOND]})
+    # Workers 0 and 1 train FIRST, worker 2 SECOND, and nothing else.
+    contributions = result['worker_contributions']
+    for worker, task in ((0, FIRST), (1, FIRST), (2, SECOND)):
+      self.assertEqual(set(contributions.get(str(worker), {task: 0})) - {task},
+                       set(), msg=contributions)
+    # Every task's metrics, as its workers compute them, in the progress
+    # lines and as scalars.
+    log = self.coordinator_log()
+    scalars = event_scalars(model_dir)
+    for name, metrics in (('rp', ('accuracy',)),
+                          ('col', ('accuracy', 'cross_entropy', 'ab_error'))):
+      self.assertRegex(log, rf'{name} \d+ st loss \S+ ' +
+                       ''.join(rf'.*{m} \S+' for m in metrics) +
+                       r' [\d.]+ ex/s input \d+%', msg=log[-4000:])
+      for key in ('loss', 'examples_per_second', 'input_wait_fraction',
+                  'skipped_steps') + metrics:
+        self.assertIn(f'{name}/{key}', scalars, msg=sorted(scalars))
+      self.assertTrue(all(0 <= v <= 1 for v in
+                          scalars[f'{name}/input_wait_fraction']))
+      self.assertTrue(all(v > 0 for v in
+                          scalars[f'{name}/examples_per_second']))
+      self.assertTrue(all(0 <= v <= 1 for v in scalars[f'{name}/accuracy']))
+      self.assertEqual(scalars[f'{name}/skipped_steps'][-1], 0)
 
 
 class ClusterPlanTest(tf.test.TestCase):
