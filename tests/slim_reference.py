@@ -55,6 +55,21 @@ class SlimResNet:
     self.graph = tf.Graph()
     self.towers = {}
     configs = list(output_strides)
+    # Graph-mode equality is identity either way; with equality off, the
+    # membership tests over the variable collections that the legacy layers
+    # make for every variable skip a context-stack walk per comparison
+    # (ResNet-101 in three towers, 2-core machine: 26.8 -> 18.3 CPU-s).
+    tf.compat.v1.disable_tensor_equality()
+    try:
+      self._build(blocks, scope, configs, num_classes, seed, weight_decay)
+    finally:
+      tf.compat.v1.enable_tensor_equality()
+    self.sess = tf.compat.v1.Session(graph=self.graph)
+    with self.graph.as_default():
+      self.sess.run(tf.compat.v1.global_variables_initializer())
+      randomize_batch_norm(self.sess, seed)
+
+  def _build(self, blocks, scope, configs, num_classes, seed, weight_decay):
     with self.graph.as_default():
       tf.compat.v1.set_random_seed(seed)
       self.images = tf.compat.v1.placeholder(tf.float32, [None, None, None, 3])
@@ -81,9 +96,6 @@ class SlimResNet:
           for i, key in enumerate(configs)
       }
       self.saver = tf.compat.v1.train.Saver()
-      self.sess = tf.compat.v1.Session(graph=self.graph)
-      self.sess.run(tf.compat.v1.global_variables_initializer())
-      randomize_batch_norm(self.sess, seed)
 
   def run(self, output_stride, training, images, names=None):
     end_points = self.towers[output_stride]
