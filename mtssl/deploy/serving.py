@@ -178,7 +178,8 @@ class FeatureExtractor(tf.Module):
     self.variables = list(trunk.variables)
     self.trainable_variables = list(trunk.trainable_variables)
     self.regularization_losses = [
-        tf.function(self._regularization_loss, input_signature=[])]
+        tf.function(self._regularization_loss, input_signature=[],
+                    autograph=False)]
 
   def _regularization_loss(self):
     losses = self.backbone.losses
@@ -195,17 +196,18 @@ class FeatureExtractor(tf.Module):
         POOLED_OUTPUT: pooling.adaptive_max_pool2d(block3, self.pooled_grid),
     }
 
-  @tf.function
+  @tf.function(autograph=False)
   def __call__(self, pixels, training=False):
     return self.features(check_pixels(pixels), training=training)
 
   @tf.function(input_signature=[
-      tf.TensorSpec([None], tf.string, name=IMAGES_INPUT)])
+      tf.TensorSpec([None], tf.string, name=IMAGES_INPUT)], autograph=False)
   def serve_images(self, images):
     return self.features(decode_batch(images, self.image_size))
 
   @tf.function(input_signature=[
-      tf.TensorSpec([None, None, None, 3], tf.float32, name=PIXELS_INPUT)])
+      tf.TensorSpec([None, None, None, 3], tf.float32, name=PIXELS_INPUT)],
+               autograph=False)
   def serve_pixels(self, pixels):
     return self.features(check_pixels(pixels))
 
