@@ -27,6 +27,7 @@ from unittest import mock
 import tensorflow as tf
 
 from mtssl.configs import training as configs
+from mtssl.training import checkpoints
 from mtssl.training import optimizers
 from mtssl.training.cluster import coordinator
 from mtssl.training.cluster import local as local_cluster
@@ -246,7 +247,9 @@ class ClusterTest(tf.test.TestCase):
     saved = checkpoint_task_steps(latest)
     self.assertLessEqual(saved[FIRST] + 3, steps[FIRST], msg=saved)
     self.cluster.wait_ready(local_cluster.PS, 0, timeout=WAIT)
-    self.cluster.start_coordinator(flags)
+    # The third coordinator saves only at the end: a save on a cluster takes
+    # seconds, and nothing below reads an intermediate checkpoint.
+    self.cluster.start_coordinator(flags + ['--checkpoint_every=1000'])
     resumed = self.wait_for_log(r'Resuming from (\S+) at global step (\d+), '
                                 r'task steps (\{.*?\})')
     self.assertEqual(resumed.group(1), latest)
@@ -391,6 +394,18 @@ class ClusterPlanTest(tf.test.TestCase):
     self.assertStartsWith(str(failure), 'Lost /job:ps/task:0 (Socket closed). ')
     self.assertIsNone(trainer._cluster_failure(  # pylint: disable=protected-access
         tf.errors.InvalidArgumentError(None, None, 'Incompatible shapes')))
+    # A ps lost during a checkpoint write is a lost ps, not a write failure;
+    # a write failure of its own stays one.
+    lost = tf.errors.UnavailableError(None, None, 'Socket closed. remote '
+                                      'target /job:ps/replica:0/task:0')
+    for cause, expected in ((lost, cluster_plan.ClusterError),
+                            (OSError('disk full'), checkpoints.CheckpointError)):
+      with self.assertRaises(expected):
+        with trainer._explained_failures():  # pylint: disable=protected-access
+          try:
+            raise cause
+          except (tf.errors.OpError, OSError):
+            raise checkpoints.CheckpointError('Could not write') from None
 
   def test_input_functions_get_stable_unplaced_names(self):
     calls = []

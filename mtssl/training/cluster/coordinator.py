@@ -15,6 +15,7 @@ from absl import logging
 from tensorflow.python.data.experimental.ops import testing as tf_data_testing  # pylint: disable=g-direct-tensorflow-import
 
 from mtssl.configs import training as configs
+from mtssl.training import checkpoints as checkpoints_lib
 from mtssl.training import monitoring
 from mtssl.training import run as run_lib
 from mtssl.training.cluster import plan as plan_lib
@@ -73,11 +74,16 @@ class DistributedTrainer:
   # Set-up -----------------------------------------------------------------
   @contextlib.contextmanager
   def _explained_failures(self):
-    """Re-raises a lost ps or an unregistered worker as a clear error."""
+    """Re-raises a lost ps or an unregistered worker as a clear error, also
+    when it surfaced as a failed checkpoint write."""
     try:
       yield
-    except tf.errors.OpError as e:
-      failure = self._cluster_failure(e)
+    except (tf.errors.OpError, checkpoints_lib.CheckpointError) as e:
+      # A failed write is a CheckpointError raised while handling the OpError.
+      cause = e.__context__ if isinstance(
+          e, checkpoints_lib.CheckpointError) else e
+      failure = (self._cluster_failure(cause)
+                 if isinstance(cause, tf.errors.OpError) else None)
       if failure is None:
         raise
       raise failure from e
