@@ -1,7 +1,8 @@
 """tf.data service: a dispatcher and two workers on localhost serve rp and
-col from tfrecord shards to a short training run, which goes on when a third
-worker process is killed; the local cluster launcher's service feeds a
-worker group; bad setups fail by name, quickly."""
+col from tfrecord shards to a short training run; a run goes on when a
+worker process is killed and when its journaled dispatcher restarts; the
+local cluster launcher's service feeds a worker group; bad setups fail by
+name, quickly."""
 
 import dataclasses
 import json
@@ -127,38 +128,6 @@ class DataServiceTest(tf.test.TestCase):
       self.assertGreaterEqual(sum(counts.values()), 4, msg=name)
       self.assertGreater(int(trainer.state.positions[name].numpy()), 0)
 
-  def test_training_goes_on_when_a_worker_is_killed(self):
-    # A third worker, in its own process, joins the dispatcher; it is killed
-    # after the second step. The run reaches its steps on the other two and
-    # keeps logging its loss.
-    extra = start_service(f'--dispatcher=localhost:{self.port}', '--workers=1')
-    self.addCleanup(extra.kill)
-    steps = 8
-    cfg = make_config(os.path.join(self.get_temp_dir(), 'run'),
-                      'tfrecord:' + self.shards, steps=steps, tasks=('rp',),
-                      data_service=f'grpc://localhost:{self.port}', log_every=1)
-    trainer = trainer_lib.Trainer(cfg).setup()
-    killed_at = []
-    done = threading.Event()
-
-    def kill_after_two_steps():
-      while not done.is_set():
-        step = int(trainer.state.global_step.numpy())
-        if step >= 2:
-          extra.kill()
-          extra.wait()
-          killed_at.append(step)
-          return
-        time.sleep(0.01)
-
-    result, losses = train_beside(trainer, kill_after_two_steps, done)
-    self.assertLen(killed_at, 1)
-    self.assertLess(killed_at[0], steps)
-    self.assertEqual(result['task_steps'], {'rp': steps})
-    after = [loss for step, loss in losses.items() if step > killed_at[0]]
-    self.assertNotEmpty(after, msg=losses)
-    self.assertTrue(all(np.isfinite(after)), msg=losses)
-
   def test_col_off_mode_on_a_worker_gives_the_local_batches(self):
     # col's pipeline (its grayscale filter carries counts in a scan) on the
     # two worker processes and, in `off` mode with one in-process worker,
@@ -207,29 +176,40 @@ class DataServiceTest(tf.test.TestCase):
                                 r'rp_data=synthetic\(256x256\): .*numpy_function'):
       trainer_lib.Trainer(cfg).setup()
 
-  def test_training_goes_on_through_a_journaled_dispatcher_restart(self):
-    # A dispatcher with a journal (--work_dir) and a worker, each its own
-    # process. The dispatcher is killed after step 2 and started again on
-    # the same port and journal; the run trains on (the worker keeps serving
+  def test_training_goes_on_through_a_killed_worker_and_a_dispatcher_restart(
+      self):
+    # A dispatcher with a journal (--work_dir) and two workers, each its own
+    # process. One worker is killed after step 2: the run trains on from the
+    # other. The dispatcher is killed two steps later and started again on
+    # the same port and journal: the run trains on (the worker keeps serving
     # meanwhile) and keeps going once the clients talk to the new dispatcher.
     port = free_port()
     journal = ['--workers=0', f'--port={port}',
                f'--work_dir={os.path.join(self.get_temp_dir(), "journal")}']
     dispatchers = [start_service(*journal)]
     self.addCleanup(lambda: [p.kill() for p in dispatchers])
-    worker = start_service(f'--dispatcher=localhost:{port}', '--workers=1')
-    self.addCleanup(worker.kill)
+    workers = [start_service(f'--dispatcher=localhost:{port}', '--workers=1')
+               for _ in range(2)]
+    self.addCleanup(lambda: [p.kill() for p in workers])
     cfg = make_config(os.path.join(self.get_temp_dir(), 'run'),
                       'tfrecord:' + self.shards, steps=10000, tasks=('rp',),
                       data_service=f'grpc://localhost:{port}', log_every=1)
     trainer = trainer_lib.Trainer(cfg).setup()
-    restarted_at = []
+    killed_at, restarted_at = [], []
     done = threading.Event()
 
-    def restart_then_stop():
+    def kill_restart_then_stop():
       step = lambda: int(trainer.state.global_step.numpy())
-      while step() < 2 and not done.is_set():
-        time.sleep(0.01)
+
+      def wait_for(target):
+        while step() < target and not done.is_set():
+          time.sleep(0.01)
+
+      wait_for(2)
+      workers[1].kill()
+      workers[1].wait()
+      killed_at.append(step())
+      wait_for(killed_at[0] + 2)
       dispatchers[0].kill()
       dispatchers[0].wait()
       dispatchers.append(start_service(*journal))
@@ -241,12 +221,15 @@ class DataServiceTest(tf.test.TestCase):
         time.sleep(0.01)
       trainer.request_stop()
 
-    result, losses = train_beside(trainer, restart_then_stop, done)
+    result, losses = train_beside(trainer, kill_restart_then_stop, done)
+    self.assertLen(killed_at, 1)
     self.assertLen(restarted_at, 1)
+    self.assertGreaterEqual(restarted_at[0], killed_at[0] + 2)
     self.assertGreaterEqual(result['global_step'], restarted_at[0] + 3)
-    after = [loss for step, loss in losses.items() if step > restarted_at[0]]
-    self.assertGreaterEqual(len(after), 3, msg=losses)
-    self.assertTrue(all(np.isfinite(after)), msg=losses)
+    for since in (killed_at[0], restarted_at[0]):
+      after = [loss for step, loss in losses.items() if step > since]
+      self.assertGreaterEqual(len(after), 3, msg=losses)
+      self.assertTrue(all(np.isfinite(after)), msg=losses)
 
   def test_a_job_lost_to_a_restart_is_a_named_error(self):
     # Measured with real processes: a dispatcher restarted without a journal
