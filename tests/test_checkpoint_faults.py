@@ -10,6 +10,7 @@ import resource
 import shutil
 import signal
 import tempfile
+from unittest import mock
 
 import tensorflow as tf
 
@@ -199,6 +200,21 @@ class ResumeChangesTest(SharedRunsTestCase):
       trainer.setup()
     self.assertNotIn('\n', str(raised.exception))
     self.assertEqual(trainer.iterators, {})  # Closed on the error path.
+
+
+class NonFiniteCheckTest(tf.test.TestCase):
+
+  def test_local_and_remote_checks_name_the_same_variables(self):
+    variables = [tf.Variable([1.0, 2.0], name='ok'),
+                 tf.Variable([[1.0, float('nan')]], name='nan'),
+                 tf.Variable(float('inf'), name='inf'),
+                 tf.Variable(3, name='count')]  # not floating: not checked
+    expected = ['nan:0', 'inf:0']
+    self.assertEqual(checkpoints.non_finite(variables), expected)
+    # Variables on a parameter server are checked by one traced function.
+    with mock.patch.object(checkpoints, '_remote', return_value=True):
+      self.assertEqual(checkpoints.non_finite(variables), expected)
+      self.assertEqual(checkpoints.non_finite(variables[:1]), [])
 
 
 if __name__ == '__main__':
