@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -24,15 +23,14 @@ from mtssl.data import sources
 from mtssl.tasks import col
 from mtssl.tasks import rp
 from mtssl.training import trainer as trainer_lib
+from mtssl.training.cluster import local as local_cluster
 from tests import test_sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
+  return local_cluster.free_ports(1)[0]
 
 
 def task_runs(data):

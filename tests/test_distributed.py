@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -428,6 +429,17 @@ class ClusterPlanTest(tf.test.TestCase):
     op = [op for op in plain.get_concrete_function().graph.get_operations()
           if op.type.startswith('PyFunc')][0]
     self.assertTrue(op.get_attr('token').startswith(b'pyfunc_'))
+
+  def test_free_ports_lie_below_the_ephemeral_range(self):
+    # Outgoing connections take local ports from the ephemeral range; a port
+    # chosen there could be taken before its server binds it.
+    ports = local_cluster.free_ports(8)
+    self.assertLen(set(ports), 8)
+    low = local_cluster._ephemeral_low()  # pylint: disable=protected-access
+    for port in ports:
+      self.assertBetween(port, 10000, low - 1)
+      with socket.socket() as s:
+        s.bind(('localhost', port))
 
   def test_ranks_read_distinct_streams_and_rank_0_the_task_stream(self):
     seeds = {cluster_worker.rank_seed(3, FIRST, r) for r in range(16)}

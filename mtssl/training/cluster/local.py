@@ -19,6 +19,7 @@ Typical use:
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -35,19 +36,50 @@ class ClusterProcessError(RuntimeError):
   """A cluster process failed to start; the message ends with its log."""
 
 
+# Where free_ports looks when the kernel does not say: Linux's default
+# ephemeral range starts at 32768.
+_LOWEST_PORT, _DEFAULT_EPHEMERAL_LOW = 10000, 32768
+
+
+def _ephemeral_low() -> int:
+  """The first port of the range the kernel gives outgoing connections."""
+  try:
+    with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
+      return int(f.read().split()[0])
+  except (OSError, ValueError, IndexError):
+    return _DEFAULT_EPHEMERAL_LOW
+
+
 def free_ports(count: int, host: str = 'localhost') -> List[int]:
-  """`count` distinct ports that were free a moment ago."""
+  """`count` distinct ports that were free a moment ago.
+
+  They are drawn at random below the kernel's ephemeral range: a port the
+  kernel picked (bind to port 0) is one it may also give the next outgoing
+  connection of any process, such as a gRPC client of another local
+  cluster, before the server it was chosen for binds it.
+  """
+  low = _ephemeral_low()
+  candidates = (random.SystemRandom().sample(range(_LOWEST_PORT, low),
+                                             low - _LOWEST_PORT)
+                if low - _LOWEST_PORT >= 4 * count else [0] * count)
   sockets, ports = [], []
   try:
-    for _ in range(count):
+    for port in candidates:
+      if len(ports) == count:
+        break
       s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-      s.bind((host, 0))
+      try:
+        s.bind((host, port))
+      except OSError:
+        s.close()
+        continue
       sockets.append(s)
       ports.append(s.getsockname()[1])
   finally:
     for s in sockets:
       s.close()
+  if len(ports) < count:
+    raise OSError(f'no {count} free ports on {host} below {low}')
   return ports
 
 
