@@ -156,7 +156,7 @@ def run_server(resolver, config: configs.TrainConfig, plan: plan_lib.ClusterPlan
   logging.info('Serving as %s %d at %s.', job, index, cluster[job][index])
   last_report = time.time()
   while True:
-    time.sleep(5)
+    time.sleep(1)  # a Slurm job ends when its last server does
     if source is not None and time.time() - last_report > 300:
       last_report = time.time()
       problems = source.counter.problems()
