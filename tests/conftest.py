@@ -1,5 +1,6 @@
 """Test-wide settings, applied before any test imports TensorFlow's runtime."""
 
+import gc
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -59,6 +60,15 @@ LONG_FILES = (
 def _file_rank(item):
   name = os.path.basename(str(item.path))
   return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+
+
+def pytest_collection_finish(session):
+  del session
+  # Python's cyclic collector walked TensorFlow's and the collected tests'
+  # objects again and again (about 7 % of a test worker's CPU in a profile):
+  # move what exists after collection out of its reach. Cycles made by the
+  # tests are still collected as usual.
+  gc.freeze()
 
 
 def pytest_collection_modifyitems(items):
