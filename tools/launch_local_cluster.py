@@ -14,9 +14,10 @@ The number of workers is the sum of --task_workers unless --num_workers says
 otherwise. With --data_service_workers=N a tf.data service (a dispatcher and N
 workers) starts too and every task's pipeline runs on it (the training flags
 gain --data_service; the tasks must read tfrecord: shards). Like a cluster
-manager, the launcher restarts a parameter server or worker that dies, and restarts the coordinator when it stops because a
-parameter server was lost (exit status 4), up to --max_restarts times; it
-resumes from the last checkpoint. Logs: <cluster_log_dir>/<job>-<index>.log.
+manager, the launcher restarts a parameter server or worker that dies, and
+restarts the coordinator when it stops because a parameter server was lost
+(exit status 4), up to --max_restarts times; it resumes from the last
+checkpoint. Logs: <cluster_log_dir>/<job>-<index>.log.
 Exit status: the coordinator's.
 """
 
