@@ -23,6 +23,7 @@ from mtssl.ops import color
 from mtssl.tasks import base
 from mtssl.tasks import col
 from mtssl.training import step as step_lib
+from tests import tool_runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_HEAD = (32, 32)
@@ -272,10 +273,10 @@ class PriorTest(tf.test.TestCase):
     self.assertEqual(meta['target_pixels'], 4 * 8 * 8)
     self.assertEqual(meta['ab_bins'], ab_bins.bins_provenance())
     self.assertAllClose(ab_bins.smooth_histogram(meta['counts']), prior)
-    again = subprocess.run(command, capture_output=True, text=True, env=env,
-                           cwd=ROOT, timeout=300)
-    self.assertEqual(again.returncode, 2)
-    self.assertIn('already exists', again.stderr)
+    status, _, stderr = tool_runner.run_tool('estimate_color_prior.py',
+                                             *command[2:])
+    self.assertEqual(status, 2)
+    self.assertIn('already exists', stderr)
 
   def test_task_reports_prior_file_problems(self):
     missing = os.path.join(self.get_temp_dir(), 'nope.npy')
@@ -482,13 +483,11 @@ class ColorizeToolTest(tf.test.TestCase):
     self.assertLen(os.listdir(out), 2)
     self.assertEqual(cv2.imread(os.path.join(out, 'colorized_0000.png')).shape,
                      (64, 192, 3))
-    missing = subprocess.run(
-        [sys.executable, os.path.join(ROOT, 'tools', 'colorize.py'),
-         f'--checkpoint={tmp}/none', f'--output_dir={out}2'],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    self.assertEqual(missing.returncode, 2)
-    self.assertIn('none', missing.stderr)
-    self.assertIn('not found', missing.stderr)
+    status, _, stderr = tool_runner.run_tool(
+        'colorize.py', f'--checkpoint={tmp}/none', f'--output_dir={out}2')
+    self.assertEqual(status, 2)
+    self.assertIn('none', stderr)
+    self.assertIn('not found', stderr)
     self.assertFalse(os.path.exists(f'{out}2'))
 
 

@@ -21,6 +21,7 @@ from mtssl.motion import labels as labels_lib
 from mtssl.data import motion_records as records
 from mtssl.motion import videos
 from tests import motion_helpers
+from tests import tool_runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, 'tools', 'extract_motion_labels.py')
@@ -311,13 +312,11 @@ class ExtractionTest(tf.test.TestCase):
     self.assertEqual(sum(counts.values()), second['examples'])
 
   def test_tool_reports_bad_arguments(self):
-    result = subprocess.run(
-        [sys.executable, TOOL, f'--videos={self._empty_dir()}',
-         f'--output_dir={self.get_temp_dir()}/tool'],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
-    self.assertEqual(result.returncode, 2, msg=result.stderr[-2000:])
-    self.assertIn('holds no video files', result.stderr)
+    status, _, stderr = tool_runner.run_tool(
+        'extract_motion_labels.py', f'--videos={self._empty_dir()}',
+        f'--output_dir={self.get_temp_dir()}/tool')
+    self.assertEqual(status, 2, msg=stderr[-2000:])
+    self.assertIn('holds no video files', stderr)
 
   def test_a_crashing_worker_skips_only_its_video(self):
     tasks = [(f'/nowhere/{k}', k) for k in ('v0', 'v1', 'crash', 'v3', 'v4')]

@@ -4,8 +4,6 @@ resumable building and bad input."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
@@ -18,8 +16,8 @@ from mtssl.data import object_graph
 from mtssl.tasks import ti_mining as object_mining
 from mtssl.data import synthetic_video
 from mtssl.tasks import rp
+from tests import tool_runner
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two start frames per 46-frame video (0 and 15), 30 frames tracked.
 FRAMES = 46
 SMALL_GRAPH = object_graph.GraphConfig(num_parents=1, min_parent_size=2,
@@ -109,12 +107,11 @@ class MiningTest(tf.test.TestCase):
   def test_tool_reports_errors(self):
     empty = os.path.join(self.get_temp_dir(), 'none')
     os.makedirs(empty)
-    run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, 'tools', 'build_object_graph.py'),
-         f'--videos={empty}', f'--output_dir={self.get_temp_dir()}/t'],
-        capture_output=True, text=True, timeout=300, check=False)
-    self.assertEqual(run.returncode, 2)
-    self.assertIn('error: No video files', run.stderr)
+    status, _, stderr = tool_runner.run_tool(
+        'build_object_graph.py', f'--videos={empty}',
+        f'--output_dir={self.get_temp_dir()}/t')
+    self.assertEqual(status, 2)
+    self.assertIn('error: No video files', stderr)
 
 
 class EmbedderTest(tf.test.TestCase):

@@ -11,6 +11,7 @@ import tensorflow as tf
 from mtssl.backbones import resnet_v2 as resnet_lib
 from mtssl.backbones import slim_checkpoint
 from tests import slim_reference
+from tests import tool_runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -185,18 +186,20 @@ class ConverterCommandLineTest(tf.test.TestCase):
     name = 'resnet_v2_50/block3/unit_6/bottleneck_v2/conv3/weights'
     self.assertAllEqual(trunk.slim_variables()[name], self.trunk_values[name])
     # An existing output is not overwritten unless asked.
-    again = self.run_tool(f'--slim_checkpoint={self.full}',
-                          f'--output_dir={out_dir}', '--depth=50')
-    self.assertEqual(again.returncode, 2)
-    self.assertIn('already exists', again.stderr)
+    status, _, stderr = tool_runner.run_tool(
+        'convert_slim_checkpoint.py', f'--slim_checkpoint={self.full}',
+        f'--output_dir={out_dir}', '--depth=50')
+    self.assertEqual(status, 2)
+    self.assertIn('already exists', stderr)
 
   def test_missing_variable_fails_and_writes_nothing(self):
     out_dir = os.path.join(self.get_temp_dir(), 'never')
-    result = self.run_tool(f'--slim_checkpoint={self.broken}',
-                           f'--output_dir={out_dir}', '--depth=50')
-    self.assertEqual(result.returncode, 2)
+    status, _, stderr = tool_runner.run_tool(
+        'convert_slim_checkpoint.py', f'--slim_checkpoint={self.broken}',
+        f'--output_dir={out_dir}', '--depth=50')
+    self.assertEqual(status, 2)
     self.assertIn('resnet_v2_50/block3/unit_4/bottleneck_v2/conv1/weights',
-                  result.stderr)
+                  stderr)
     self.assertFalse(os.path.exists(out_dir))
     self.assertEqual([n for n in os.listdir(self.get_temp_dir())
                       if n.startswith('.never')], [])
