@@ -8,6 +8,7 @@ toy tasks (a NaN can be injected into their data).
 
 import contextlib
 import os
+import shutil
 
 import numpy as np
 import tensorflow as tf
@@ -130,17 +131,25 @@ class TrainerTest(tf.test.TestCase):
                                 for g in range(400)])
 
   def test_resume_reproduces_the_uninterrupted_run(self):
-    straight = trainer_lib.Trainer(real_config(
-        os.path.join(self.get_temp_dir(), 'straight'), steps=6))
+    # The uninterrupted run saves at step 3 on its way to 6; a directory
+    # holding only that checkpoint is a run stopped there.
+    straight_dir = os.path.join(self.get_temp_dir(), 'straight')
+    straight = trainer_lib.Trainer(real_config(straight_dir, steps=6,
+                                               checkpoint_every=3))
     straight_result = straight.train()
     expected = snapshot(straight.model.variables)
 
     resumed_dir = os.path.join(self.get_temp_dir(), 'resumed')
-    first = trainer_lib.Trainer(real_config(resumed_dir, steps=3))
-    first.train()
-    second = trainer_lib.Trainer(real_config(resumed_dir, steps=6))
+    os.makedirs(resumed_dir)
+    for path in tf.io.gfile.glob(os.path.join(straight_dir, 'ckpt-3.*')):
+      shutil.copy(path, resumed_dir)
+    tf.compat.v1.train.update_checkpoint_state(
+        resumed_dir, os.path.join(resumed_dir, 'ckpt-3'))
+    second = trainer_lib.Trainer(real_config(resumed_dir, steps=6,
+                                             checkpoint_every=3))
     result = second.train()
-    self.assertIsNotNone(second.run.resumed_from)
+    self.assertEqual(second.run.resumed_from,
+                     os.path.join(resumed_dir, 'ckpt-3'))
     self.assertEqual(result['task_steps'], straight_result['task_steps'])
     for name, value in snapshot(second.model.variables).items():
       self.assertAllEqual(value, expected[name], msg=name)
