@@ -1,10 +1,10 @@
 """Distributed training on a real localhost cluster, and its configuration.
 
-The cluster tests start real processes with mtssl.training.local_cluster:
+The cluster test starts real processes with mtssl.training.local_cluster:
 one parameter server and three workers (first task: 2 workers, second task:
-1), shared by the tests of the class, plus a coordinator per run. Every
-process is ended by the class cleanup (and a coordinator by each test's
-cleanup), also when a test fails.
+1) for the class, and one run through two coordinators. Every process is
+ended by the class cleanup (and a coordinator by the test's cleanup), also
+when the test fails.
 
 Each worker registers the input pipeline of its own task and rank only, so a
 worker that ever ran another task's (or rank's) pipeline would fail the run
@@ -161,33 +161,22 @@ class ClusterTest(tf.test.TestCase):
                 f'{self.coordinator_log()[-4000:]}')
     self.assertEqual(rc, expect, msg=self.coordinator_log()[-4000:])
 
-  # Tests ------------------------------------------------------------------
-  def test_group_update_is_the_mean_of_its_workers_gradients(self):
-    tmp = self.get_temp_dir()
-    # A fixed starting point, written in-process.
-    init = trainer_lib.Trainer(make_config(os.path.join(tmp, 'init'))).setup()
-    init_path = tf.train.Checkpoint(backbone=init.model.trunk,
-                                    heads=init.model.heads).write(
-                                        os.path.join(tmp, 'init_ckpt', 'ckpt'))
-    model_dir = os.path.join(tmp, 'run')
-    self.run_coordinator(model_dir, f'--init_checkpoint={init_path}',
-                         f'--task_steps={FIRST}:1,{SECOND}:0')
-    result = read_result(model_dir)
-    self.assertEqual(result['task_steps'], {FIRST: 1, SECOND: 0})
-    self.assertEqual(result['worker_steps'], {FIRST: 2, SECOND: 0})
-
-    # The same round in one process: each rank's first batch of its own
-    # stream, the mean of the two gradients, a fresh TF1 RMSProp.
+  def assert_round_is_the_mean_of_two_gradients(self, init, checkpoint):
+    """`checkpoint`, after FIRST's first round from `init`'s weights, holds
+    what one process computes: each rank's first batch of its own stream,
+    the mean of the two gradients, a fresh TF1 RMSProp."""
     step = init.steps[FIRST]
     grads = []
     for rank in range(2):
       ds = cluster_worker.rank_pipeline(init.config, init.tasks[FIRST],
-                                     init.sources[FIRST], FIRST, rank, start=0)
+                                        init.sources[FIRST], FIRST, rank,
+                                        start=0)
       features, labels = next(iter(ds))
       grads.append(step.compute_gradients(features, labels)['grads'])
     variables = step.variables
     before = [v.numpy() for v in variables]
-    second_head = [v.numpy() for v in init.model.heads[SECOND].trainable_variables]
+    second_head = [v.numpy()
+                   for v in init.model.heads[SECOND].trainable_variables]
     cfg = init.config
     optimizers.TF1RMSProp(cfg.tasks[FIRST].learning_rate,
                           decay=cfg.rmsprop_decay,
@@ -199,10 +188,9 @@ class ClusterTest(tf.test.TestCase):
     expected = [v.numpy() for v in variables]
     # The two ranks read different batches: their gradients differ.
     self.assertNotAllClose(grads[0][0], grads[1][0])
-
-    # The distributed run's weights, read into the same model.
+    # The cluster's weights, read into the same model.
     tf.train.Checkpoint(backbone=init.model.trunk, heads=init.model.heads).read(
-        result['checkpoint']).expect_partial()
+        checkpoint).expect_partial()
     for v, want, start in zip(variables, expected, before):
       # Compare the update (after - before). Measured: at most 3e-8 apart
       # (one float32 ulp of the weights) for updates up to 1.2e-3.
@@ -212,33 +200,51 @@ class ClusterTest(tf.test.TestCase):
                        second_head):
       self.assertAllEqual(v.numpy(), want, msg=v.name)
 
-  def test_restarts_resume_and_a_killed_worker_holds_back_its_group_only(self):
-    model_dir = os.path.join(self.get_temp_dir(), 'run')
+  # Test -------------------------------------------------------------------
+  def test_rounds_restarts_and_a_killed_worker_holding_back_its_group(self):
+    tmp = self.get_temp_dir()
+    model_dir = os.path.join(tmp, 'run')
+    # A fixed starting point, written in-process.
+    init = trainer_lib.Trainer(make_config(os.path.join(tmp, 'init'))).setup()
+    init_path = tf.train.Checkpoint(backbone=init.model.trunk,
+                                    heads=init.model.heads).write(
+                                        os.path.join(tmp, 'init_ckpt', 'ckpt'))
     # Enough rounds that FIRST has 3 left after the ps is lost (at most 8
-    # global steps by then: checkpoints every 2 steps, the wait below).
+    # global steps by then).
     steps = {FIRST: 16, SECOND: 16}
-    flags = [f'--model_dir={model_dir}',
-             f'--task_steps={FIRST}:{steps[FIRST]},{SECOND}:{steps[SECOND]}',
-             '--checkpoint_every=2', '--summary_every=1']
-    # 1. The parameter server is lost: the run stops with a clear message.
-    self.cluster.start_coordinator(flags)
-    self.wait_for_log(r'Saved checkpoint \S+ckpt-(4|6)')
+    flags = [f'--model_dir={model_dir}', f'--init_checkpoint={init_path}',
+             '--summary_every=1']
+    # 1. FIRST alone, a checkpoint after every round. Its first round is the
+    #    mean of its two workers' gradients. The parameter server is lost:
+    #    the run stops with a clear message.
+    self.cluster.start_coordinator(
+        flags + [f'--task_steps={FIRST}:{steps[FIRST]},{SECOND}:0',
+                 '--checkpoint_every=1', '--keep_checkpoints=1000'])
+    self.wait_for_log(r'Saved checkpoint \S+ckpt-4')
     # Restarted at once, as a cluster manager would.
     self.cluster.restart(local_cluster.PS, 0, wait=False)
     self.assert_coordinator_exits(4)
     self.assertRegex(self.coordinator_log(),
                      r'error: Lost /job:ps/task:0 .*Restart the parameter '
                      r'server')
+    self.assertEqual(checkpoint_task_steps(os.path.join(model_dir, 'ckpt-1')),
+                     {FIRST: 1, SECOND: 0})
+    self.assert_round_is_the_mean_of_two_gradients(
+        init, os.path.join(model_dir, 'ckpt-1'))
     latest = tf.train.latest_checkpoint(model_dir)
     saved = checkpoint_task_steps(latest)
-    self.assertGreaterEqual(sum(saved.values()), 4)
+    self.assertGreaterEqual(saved[FIRST], 4)
+    self.assertEqual(saved[SECOND], 0)
     self.assertLessEqual(saved[FIRST] + 3, steps[FIRST], msg=saved)
     # 2. A new coordinator, on the workers that served the first one and the
     #    restarted ps, resumes with the per-task step counts of the last
-    #    checkpoint. It saves only at the end: a save on a cluster takes
-    #    seconds, and nothing below reads an intermediate checkpoint.
+    #    checkpoint and trains both tasks. It saves only at the end: a save
+    #    on a cluster takes seconds, and nothing below reads an intermediate
+    #    checkpoint.
     self.cluster.wait_ready(local_cluster.PS, 0, timeout=WAIT)
-    self.cluster.start_coordinator(flags + ['--checkpoint_every=1000'])
+    self.cluster.start_coordinator(
+        flags + [f'--task_steps={FIRST}:{steps[FIRST]},{SECOND}:{steps[SECOND]}',
+                 '--checkpoint_every=1000'])
     resumed = self.wait_for_log(r'Resuming from (\S+) at global step (\d+), '
                                 r'task steps (\{.*?\})')
     self.assertEqual(resumed.group(1), latest)
