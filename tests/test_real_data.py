@@ -11,8 +11,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -32,8 +30,8 @@ from mtssl.motion import videos
 from mtssl.tasks import col
 from mtssl.training import trainer as trainer_lib
 from tests import real_data
+from tests import tool_runner
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DECODE_REASONS = tuple(sources.STATUS_NAMES.values())
 
 
@@ -167,16 +165,13 @@ class TaskTrainingTest(tf.test.TestCase):
     out = os.path.join(self.tmp, 'colorized')
     size = self.config.tasks['col'].config.image_size
     widths = ','.join(map(str, self.config.tasks['col'].config.head_widths))
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, 'tools', 'colorize.py'),
-         f'--checkpoint={self.result["checkpoint"]}',
-         f'--source=folder:{folder}',
-         '--num_images=1', f'--trunk={self.config.trunk}',
-         f'--head_widths={widths}', f'--image_size={size}',
-         f'--output_dir={out}'],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
-    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    # The tool's own process run is test_col.py's.
+    status, _, stderr = tool_runner.run_tool(
+        'colorize.py', f'--checkpoint={self.result["checkpoint"]}',
+        f'--source=folder:{folder}', '--num_images=1',
+        f'--trunk={self.config.trunk}', f'--head_widths={widths}',
+        f'--image_size={size}', f'--output_dir={out}')
+    self.assertEqual(status, 0, stderr[-3000:])
     self.assertEqual(os.listdir(out), ['colorized_0000.png'])
     panel = cv2.imread(os.path.join(out, 'colorized_0000.png'),
                        cv2.IMREAD_UNCHANGED)
@@ -237,13 +232,11 @@ class MotionLabelToolTest(tf.test.TestCase):
     cls.options = videos.ExtractOptions(
         max_examples_per_video=cls.MAX_EXAMPLES)
     cls.out = os.path.join(cls.tmp, 'labels')
-    tool = os.path.join(ROOT, 'tools', 'extract_motion_labels.py')
-    cls.tool = subprocess.run(
-        [sys.executable, tool, f'--videos={cls.clips}',
-         f'--output_dir={cls.out}', '--workers=1',
-         f'--max_examples_per_video={cls.MAX_EXAMPLES}'],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    # The tool's own process run is test_motion_labels.py's killed run.
+    cls.tool = tool_runner.run_tool(
+        'extract_motion_labels.py', f'--videos={cls.clips}',
+        f'--output_dir={cls.out}', '--workers=1',
+        f'--max_examples_per_video={cls.MAX_EXAMPLES}')
     with open(os.path.join(cls.out, 'summary.json')) as f:
       cls.summary = json.load(f)
     cls.examples = {}
@@ -258,8 +251,9 @@ class MotionLabelToolTest(tf.test.TestCase):
     super().tearDownClass()
 
   def test_every_clip_gives_its_examples_with_sane_label_fractions(self):
-    self.assertEqual(self.tool.returncode, 0, self.tool.stderr[-3000:])
-    self.assertEqual(json.loads(self.tool.stdout)['examples'], 6)
+    status, stdout, stderr = self.tool
+    self.assertEqual(status, 0, stderr[-3000:])
+    self.assertEqual(json.loads(stdout)['examples'], 6)
     self.assertEqual(self.summary['videos']['processed'], 3)
     self.assertEqual(self.summary['videos']['skipped'], {})
     # Measured: frames 0 and 10 of bigbuckbunny and bikes, 0 and 20 of

@@ -3,8 +3,6 @@ a named error or a counted skip, never an endless loop or a crash."""
 
 import os
 import struct
-import subprocess
-import sys
 import zlib
 
 import cv2
@@ -16,8 +14,7 @@ from mtssl.data import motion_sources
 from mtssl.data import sources
 from mtssl.data import synthetic
 from mtssl.tasks import col
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import tool_runner
 
 
 def write_images(root, count, gray=False, corrupt=False):
@@ -104,18 +101,16 @@ class StalledSourceTest(tf.test.TestCase):
       col.estimate_prior(task, source, 10)
 
   def test_prior_estimation_on_grayscale_images_ends_with_one_line(self):
-    # A real process under a timeout: this used to loop forever.
+    # This used to loop forever (the suite's per-test timeout ends a hang).
     root = write_images(os.path.join(self.get_temp_dir(), 'gray'), 4,
                         gray=True)
     output = os.path.join(self.get_temp_dir(), 'prior.npy')
-    run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, 'tools', 'estimate_color_prior.py'),
-         f'--source=folder:{root}', '--num_images=4', '--image_size=32',
-         f'--output={output}'], capture_output=True, text=True, cwd=ROOT,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'), timeout=300)
-    self.assertEqual(run.returncode, 2, run.stderr[-2000:])
-    errors = [l for l in run.stderr.splitlines() if l.startswith('error:')]
-    self.assertLen(errors, 1, run.stderr[-2000:])
+    status, _, stderr = tool_runner.run_tool(
+        'estimate_color_prior.py', f'--source=folder:{root}',
+        '--num_images=4', '--image_size=32', f'--output={output}')
+    self.assertEqual(status, 2, stderr[-2000:])
+    errors = [l for l in stderr.splitlines() if l.startswith('error:')]
+    self.assertLen(errors, 1, stderr[-2000:])
     self.assertIn(f'folder:{root}: 7 elements in a row skipped', errors[0])
     self.assertFalse(os.path.exists(output))
 
