@@ -353,9 +353,22 @@ class SlurmTemplateTest(tf.test.TestCase):
                        f'{logs}')
 
   @classmethod
-  def slurm(cls, *cmd, check=True, timeout=30):
-    return subprocess.run(list(cmd), env=cls.env, capture_output=True,
+  def slurm(cls, *cmd, check=True, timeout=30, env=None):
+    return subprocess.run(list(cmd), env=env or cls.env, capture_output=True,
                           text=True, timeout=timeout, check=check)
+
+  @classmethod
+  def wait_for_job(cls, job, timeout):
+    """`scontrol show job` once the job has ended; None after `timeout`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+      info = cls.slurm('scontrol', 'show', 'job', job).stdout
+      state = re.search(r'JobState=(\w+)', info)
+      if state and state[1] not in ('PENDING', 'CONFIGURING', 'RUNNING',
+                                    'COMPLETING', 'SUSPENDED', 'REQUEUED'):
+        return info
+      time.sleep(0.5)
+    return None
 
   @classmethod
   def stop_cluster(cls):
@@ -395,29 +408,21 @@ class SlurmTemplateTest(tf.test.TestCase):
     env = dict(self.env, MTSSL_ATTEMPTS='1')
     # 4 tasks on a node that may have fewer CPUs: --overcommit. The tiny run
     # needs far less than the template's 4G per CPU.
-    cmd = ['sbatch', '--parsable', '--wait', '--ntasks=4', '--nodes=1',
+    cmd = ['sbatch', '--parsable', '--ntasks=4', '--nodes=1',
            '--cpus-per-task=1', '--overcommit', '--mem-per-cpu=1G',
            '--time=10', f'--chdir={work}', f'--output={log}', TEMPLATE,
            *training_flags(model_dir, _free_port_range(4))]
     started = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-      out, err = proc.communicate(timeout=JOB_TIMEOUT)
-      timed_out = False
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      out, err = proc.communicate()
-      timed_out = True
-    job = out.strip().split(';')[0]
-    if timed_out:
+    job = self.slurm(*cmd, env=env).stdout.strip().split(';')[0]
+    # Polled here: `sbatch --wait` sleeps up to 10 s between its polls
+    # (measured: it returned 16 s after the job's end time).
+    info = self.wait_for_job(job, JOB_TIMEOUT)
+    if info is None:
       self.fail(f'Job {job} still runs after {JOB_TIMEOUT:.0f} s:\n'
                 + _tail(log.replace('%j', job), 40))
     job_log = _tail(log.replace('%j', job), 60)
-    self.assertEqual(proc.returncode, 0,
-                     msg=f'sbatch: {err}\njob log:\n{job_log}')
-    info = self.slurm('scontrol', 'show', 'job', job).stdout
-    self.assertRegex(info, r'JobState=COMPLETED\b', msg=info)
+    self.assertRegex(info, r'JobState=COMPLETED\b',
+                     msg=f'{info}\njob log:\n{job_log}')
     self.assertRegex(info, r'\bExitCode=0:0\b', msg=info)
     self.assertRegex(info, r'\bNumTasks=4\b', msg=info)
     print(f'Slurm job {job}: {time.time() - started:.0f} s')
