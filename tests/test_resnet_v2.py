@@ -10,6 +10,7 @@ import tf_keras
 from absl.testing import parameterized
 
 from mtssl.backbones import resnet_v2 as resnet_lib
+from mtssl.backbones import slim_layers
 
 TINY_BLOCKS = [
     resnet_lib.Block('block1', 4, 2, 2),
@@ -124,8 +125,8 @@ class TinyTrunkTest(tf.test.TestCase, parameterized.TestCase):
     # A 3x3 stride-2 conv on an even input: Slim pads (1, 1), Keras 'same'
     # would pad (0, 1). With an all-ones kernel the top-left output sums the
     # 2x2 corner of the input plus padding.
-    layer = resnet_lib.SlimConv2D(1, 3, stride=2, batch_norm=False,
-                                  activation=False)
+    layer = slim_layers.SlimConv2D(1, 3, stride=2, batch_norm=False,
+                                   activation=False)
     x = tf.reshape(tf.range(16, dtype=tf.float32), [1, 4, 4, 1])
     layer(x)
     layer.conv.kernel.assign(tf.ones_like(layer.conv.kernel))
@@ -159,7 +160,7 @@ class TinyTrunkTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(clone.unit_plan, trunk.unit_plan)
 
   def test_initializer_matches_slim_statistics(self):
-    init = resnet_lib.SlimVarianceScaling(seed=3)
+    init = slim_layers.SlimVarianceScaling(seed=3)
     w = init([3, 3, 64, 256]).numpy()
     # Normal truncated at 2 sigma with sigma = sqrt(1.3 * 2 / fan_in): the
     # truncated normal's std is 0.8796 sigma.

@@ -20,7 +20,7 @@ from mtssl.configs import base
 from mtssl.configs import evaluation as evaluation_config
 from mtssl.models import lasso as lasso_lib
 from mtssl.ops import preprocessing
-from mtssl.backbones import resnet_v2 as resnet_lib
+from mtssl.backbones import slim_layers
 from mtssl.evaluation import augment
 from mtssl.evaluation import metrics as metrics_lib
 from mtssl.evaluation import registry
@@ -94,14 +94,14 @@ class DepthConfig:
 def _conv(filters, kernel, name, weight_decay, use_bias=False):
   return tf_keras.layers.Conv2D(
       filters, kernel, padding='valid', use_bias=use_bias,
-      kernel_initializer=resnet_lib.SlimVarianceScaling(),
-      kernel_regularizer=(resnet_lib.slim_l2(weight_decay)
+      kernel_initializer=slim_layers.SlimVarianceScaling(),
+      kernel_regularizer=(slim_layers.slim_l2(weight_decay)
                           if weight_decay else None), name=name)
 
 
 def _bn(name, decay):
   return tf_keras.layers.BatchNormalization(
-      momentum=decay, epsilon=resnet_lib.BATCH_NORM_EPSILON, name=name)
+      momentum=decay, epsilon=slim_layers.BATCH_NORM_EPSILON, name=name)
 
 
 def interleave(a, b, c, d):

@@ -16,6 +16,7 @@ from official.vision.modeling.layers import roi_sampler
 from official.vision.ops import anchor as anchor_lib
 
 from mtssl.backbones import resnet_v2 as resnet_lib
+from mtssl.backbones import slim_layers
 from mtssl.models import lasso as lasso_lib
 
 
@@ -96,7 +97,7 @@ class Block4BoxHead(tf_keras.Model):
       for layer in self.block4._flatten_layers():  # pylint: disable=protected-access
         if isinstance(layer, tf_keras.layers.BatchNormalization):
           layer.momentum = batch_norm_decay
-    reg = resnet_lib.slim_l2(weight_decay) if weight_decay else None
+    reg = slim_layers.slim_l2(weight_decay) if weight_decay else None
     self.classifier = tf_keras.layers.Dense(
         num_classes + 1, name='class_logits', kernel_regularizer=reg,
         kernel_initializer=tf_keras.initializers.RandomNormal(stddev=0.01))
@@ -126,7 +127,8 @@ def build_detector(trunk: resnet_lib.ResNetV2, num_classes: int, config):
   level = feature_level(trunk.effective_output_stride)
   num_anchors = len(config.anchor_sizes) * len(config.aspect_ratios)
   base_depth = config.block4_base_depth or 2 * trunk.block_specs[-1].base_depth
-  reg = resnet_lib.slim_l2(config.weight_decay) if config.weight_decay else None
+  reg = (slim_layers.slim_l2(config.weight_decay) if config.weight_decay
+         else None)
   return maskrcnn_model.MaskRCNNModel(
       backbone=TrunkBackbone(trunk, level, config.lasso_l1,
                              config.train_batch_norm, name='trunk_backbone'),

@@ -19,7 +19,7 @@ from mtssl.configs import base
 from mtssl.models import lasso as lasso_lib
 from mtssl.ops import preprocessing
 from mtssl.ops import pooling
-from mtssl.backbones import resnet_v2 as resnet_lib
+from mtssl.backbones import slim_layers
 from mtssl.evaluation import augment
 from mtssl.evaluation import data as data_lib
 from mtssl.evaluation import metrics as metrics_lib
@@ -77,7 +77,7 @@ class LinearHead(tf_keras.Model):
                   if lasso_l1 is not None else None)
     self.classifier = tf_keras.layers.Dense(
         num_classes, name='logits',
-        kernel_regularizer=(resnet_lib.slim_l2(weight_decay)
+        kernel_regularizer=(slim_layers.slim_l2(weight_decay)
                             if weight_decay else None))
 
   def call(self, end_points, output_name, training=None):

@@ -23,7 +23,7 @@ import tf_keras
 from mtssl.configs import base as config_base
 from mtssl.utils import io_utils
 from mtssl.ops import preprocessing
-from mtssl.backbones import resnet_v2
+from mtssl.backbones import slim_layers
 from mtssl.backbones import slim_checkpoint
 from mtssl.data import problems
 from mtssl.ops import ab_bins
@@ -195,7 +195,7 @@ class ColorizationHead(heads.ConvStackHead):
 
   def __init__(self, widths: Sequence[int] = (4096, 4096),
                num_bins: int = ab_bins.NUM_BINS, batch_norm: bool = True,
-               weight_decay: float = resnet_v2.WEIGHT_DECAY, **kwargs):
+               weight_decay: float = slim_layers.WEIGHT_DECAY, **kwargs):
     kwargs.setdefault('name', 'col_head')
     kernel_sizes = [2] + [1] * (len(widths) - 1)
     super().__init__(widths, kernel_sizes, num_bins, batch_norm=batch_norm,

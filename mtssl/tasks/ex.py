@@ -15,7 +15,7 @@ import tensorflow as tf
 import tf_keras
 
 from mtssl.configs import base as config_base
-from mtssl.backbones import resnet_v2
+from mtssl.backbones import slim_layers
 from mtssl.data import problems
 from mtssl.ops import color
 from mtssl.ops import preprocessing
@@ -32,7 +32,7 @@ class PatchEmbeddingHead(tf_keras.Model):
 
   def __init__(self, group: int, unit_depths=heads.PAPER_UNIT_DEPTHS,
                unit_bottleneck=heads.PAPER_UNIT_BOTTLENECK,
-               weight_decay=resnet_v2.WEIGHT_DECAY, **kwargs):
+               weight_decay=slim_layers.WEIGHT_DECAY, **kwargs):
     super().__init__(**kwargs)
     self.group = group
     self.unit_depths = tuple(unit_depths)

@@ -10,7 +10,7 @@ from typing import Sequence
 import tensorflow as tf
 import tf_keras
 
-from mtssl.backbones import resnet_v2
+from mtssl.backbones import slim_layers
 
 # Forward G multiply-accumulates of the two patch units on one 96x96 patch's
 # trunk output (12x12x1024 at output stride 8), the reference count of the
@@ -23,11 +23,11 @@ PAPER_UNIT_BOTTLENECK = 128
 
 def patch_units(depths: Sequence[int] = PAPER_UNIT_DEPTHS,
                 bottleneck: int = PAPER_UNIT_BOTTLENECK,
-                weight_decay: float = resnet_v2.WEIGHT_DECAY):
+                weight_decay: float = slim_layers.WEIGHT_DECAY):
   """The strided residual units applied to every patch's trunk features."""
-  return [resnet_v2.BottleneckV2(depth, bottleneck, stride=2,
-                                 weight_decay=weight_decay,
-                                 name=f'unit_{i + 1}/bottleneck_v2')
+  return [slim_layers.BottleneckV2(depth, bottleneck, stride=2,
+                                   weight_decay=weight_decay,
+                                   name=f'unit_{i + 1}/bottleneck_v2')
           for i, depth in enumerate(depths)]
 
 
@@ -61,22 +61,22 @@ class ConvStackHead(tf_keras.Model):
 
   def __init__(self, widths: Sequence[int], kernel_sizes: Sequence[int],
                num_outputs: int, batch_norm: bool = True,
-               weight_decay: float = resnet_v2.WEIGHT_DECAY, **kwargs):
+               weight_decay: float = slim_layers.WEIGHT_DECAY, **kwargs):
     super().__init__(**kwargs)
     self.widths = tuple(int(w) for w in widths)
     if len(kernel_sizes) != len(self.widths):
       raise ValueError(f'{self.name}: {len(kernel_sizes)} kernel sizes for '
                        f'{len(self.widths)} widths.')
     self.hidden = [
-        resnet_v2.SlimConv2D(width, kernel, 1, batch_norm=batch_norm,
-                             activation=True, weight_decay=weight_decay,
-                             name=f'conv{i + 1}')
+        slim_layers.SlimConv2D(width, kernel, 1, batch_norm=batch_norm,
+                               activation=True, weight_decay=weight_decay,
+                               name=f'conv{i + 1}')
         for i, (width, kernel) in enumerate(zip(self.widths, kernel_sizes))
     ]
     self.logits = tf_keras.layers.Conv2D(
         num_outputs, 1, padding='valid', use_bias=True,
-        kernel_initializer=resnet_v2.SlimVarianceScaling(),
-        kernel_regularizer=(resnet_v2.slim_l2(weight_decay)
+        kernel_initializer=slim_layers.SlimVarianceScaling(),
+        kernel_regularizer=(slim_layers.slim_l2(weight_decay)
                             if weight_decay else None),
         dtype='float32', name='logits')
 

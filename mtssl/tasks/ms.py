@@ -14,7 +14,7 @@ import tf_keras
 
 from mtssl.configs import base as config_base
 from mtssl.ops import preprocessing
-from mtssl.backbones import resnet_v2
+from mtssl.backbones import slim_layers
 from mtssl.data import motion_sources
 from mtssl.data import problems
 from mtssl.data import sources
@@ -64,7 +64,7 @@ class MotionSegmentationHead(heads.ConvStackHead):
 
   def __init__(self, widths: Sequence[int] = (4096, 4096),
                batch_norm: bool = True,
-               weight_decay: float = resnet_v2.WEIGHT_DECAY, **kwargs):
+               weight_decay: float = slim_layers.WEIGHT_DECAY, **kwargs):
     kwargs.setdefault('name', 'ms_head')
     super().__init__(widths, [1] * len(widths), 1, batch_norm=batch_norm,
                      weight_decay=weight_decay, **kwargs)

@@ -19,7 +19,7 @@ import tensorflow as tf
 import tf_keras
 
 from mtssl.configs import base as config_base
-from mtssl.backbones import resnet_v2
+from mtssl.backbones import slim_layers
 from mtssl.data import problems
 from mtssl.ops import color
 from mtssl.ops import preprocessing
@@ -32,16 +32,16 @@ PAPER_FC_BOTTLENECK = 512
 PAPER_NUM_FC_UNITS = 3
 
 
-class FullyConnectedBottleneck(resnet_v2.BottleneckV2):
+class FullyConnectedBottleneck(slim_layers.BottleneckV2):
   """A Slim bottleneck unit on 1x1 maps with a 1x1 middle convolution."""
 
   def __init__(self, depth, depth_bottleneck,
-               weight_decay=resnet_v2.WEIGHT_DECAY, **kwargs):
+               weight_decay=slim_layers.WEIGHT_DECAY, **kwargs):
     super().__init__(depth, depth_bottleneck, stride=1, rate=1,
                      weight_decay=weight_decay, **kwargs)
     # Replaces the 3x3 middle convolution before anything is built.
-    self.conv2 = resnet_v2.SlimConv2D(depth_bottleneck, 1, 1,
-                                      weight_decay=weight_decay, name='conv2')
+    self.conv2 = slim_layers.SlimConv2D(
+        depth_bottleneck, 1, 1, weight_decay=weight_decay, name='conv2')
 
   def get_config(self):
     config = super().get_config()
@@ -62,7 +62,7 @@ class RelativePositionHead(tf_keras.Model):
                fc_depth: Optional[int] = None,
                fc_bottleneck=PAPER_FC_BOTTLENECK,
                num_fc_units=PAPER_NUM_FC_UNITS,
-               weight_decay=resnet_v2.WEIGHT_DECAY, **kwargs):
+               weight_decay=slim_layers.WEIGHT_DECAY, **kwargs):
     super().__init__(**kwargs)
     self.num_classes = num_classes
     self.unit_depths = tuple(unit_depths)
@@ -74,11 +74,12 @@ class RelativePositionHead(tf_keras.Model):
     self.fc_units = []  # Sized in build() from the patch features' width.
     self.patch_width = None
     self.postnorm = tf_keras.layers.BatchNormalization(
-        momentum=resnet_v2.BATCH_NORM_DECAY, epsilon=resnet_v2.BATCH_NORM_EPSILON,
+        momentum=slim_layers.BATCH_NORM_DECAY,
+        epsilon=slim_layers.BATCH_NORM_EPSILON,
         name='postnorm')
-    self.logits = resnet_v2.SlimConv2D(num_classes, 1, batch_norm=False,
-                                       activation=False,
-                                       weight_decay=weight_decay, name='logits')
+    self.logits = slim_layers.SlimConv2D(
+        num_classes, 1, batch_norm=False, activation=False,
+        weight_decay=weight_decay, name='logits')
 
   def build(self, input_shape):
     self.patch_width = heads.static_patch_width(input_shape, self.unit_depths)

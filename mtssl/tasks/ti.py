@@ -16,7 +16,7 @@ import tensorflow as tf
 import tf_keras
 
 from mtssl.ops import preprocessing
-from mtssl.backbones import resnet_v2
+from mtssl.backbones import slim_layers
 from mtssl.data import graph_records
 from mtssl.data import object_graph
 from mtssl.data import sources
@@ -210,7 +210,7 @@ class TransitiveHead(tf_keras.Model):
   def __init__(self, group: int = 3, unit_depths=heads.PAPER_UNIT_DEPTHS,
                unit_bottleneck=heads.PAPER_UNIT_BOTTLENECK,
                fc_widths=PAPER_FC_WIDTHS,
-               weight_decay=resnet_v2.WEIGHT_DECAY, **kwargs):
+               weight_decay=slim_layers.WEIGHT_DECAY, **kwargs):
     super().__init__(**kwargs)
     self.group = group
     self.units = heads.patch_units(tuple(unit_depths), unit_bottleneck,
@@ -219,8 +219,8 @@ class TransitiveHead(tf_keras.Model):
     widths = tuple(int(w) for w in fc_widths)
     self.fc = [tf_keras.layers.Dense(
         width, activation='relu' if i + 1 < len(widths) else None,
-        kernel_initializer=resnet_v2.SlimVarianceScaling(),
-        kernel_regularizer=resnet_v2.slim_l2(weight_decay) if weight_decay
+        kernel_initializer=slim_layers.SlimVarianceScaling(),
+        kernel_regularizer=slim_layers.slim_l2(weight_decay) if weight_decay
         else None, dtype='float32' if i + 1 == len(widths) else None,
         name=f'fc{i + 1}') for i, width in enumerate(widths)]
 
