@@ -149,10 +149,6 @@ class ClusterTest(tf.test.TestCase):
     counts = re.findall(rf'\] .*?{name} (\d+) st', self.coordinator_log())
     return int(counts[-1]) if counts else 0
 
-  def run_coordinator(self, model_dir, *flags, expect=0):
-    self.cluster.start_coordinator([f'--model_dir={model_dir}', *flags])
-    self.assert_coordinator_exits(expect)
-
   def assert_coordinator_exits(self, expect=0):
     try:
       rc = self.cluster.wait_coordinator(timeout=WAIT)
