@@ -14,7 +14,7 @@ Typical use:
 
 import abc
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -467,49 +467,6 @@ def eval_spec_for(train_spec: str) -> Optional[str]:
   return None
 
 
-def assert_class_range(classes: tf.Tensor, num_classes: int,
-                       index: tf.Tensor, what: str = 'label') -> tf.Tensor:
-  """Returns `classes` after checking each is in [0, num_classes).
-
-  A value outside stops the input pipeline with an InvalidArgumentError whose
-  message names the example and the value (see `data_error_message`).
-  """
-  classes = tf.convert_to_tensor(classes)
-  flat = tf.reshape(classes, [-1])
-  valid = (flat >= 0) & (flat < num_classes)
-  first_bad = tf.gather(tf.concat([flat, [0]], 0),
-                        tf.argmin(tf.concat([tf.cast(valid, tf.int32), [0]],
-                                            0)))
-  message = tf.strings.format(
-      what + ' {} of example {} is outside the class range [0, '
-      + str(num_classes) + ')', (first_bad, index))
-  check = tf.debugging.Assert(tf.reduce_all(valid), [message])
-  with tf.control_dependencies([check]):
-    return tf.identity(classes)
-
-
-_MARK = 'assertion failed: ['
-
-
-def data_error_message(error: tf.errors.OpError) -> str:
-  """The first line of an input-pipeline error, our assertion text unwrapped."""
-  text = getattr(error, 'message', None) or str(error)
-  if _MARK in text:
-    line = text[text.index(_MARK) + len(_MARK):].splitlines()[0]
-    return line[:-1] if line.endswith(']') else line
-  return text.strip().splitlines()[0]
-
-
-def check_num_classes(sources: Sequence[LabeledSource], num_classes: int,
-                      what: str = 'num_classes') -> None:
-  """Raises DataSourceError if a source declares more than num_classes."""
-  for source in sources:
-    n = source.num_classes
-    if n is not None and num_classes is not None and n > num_classes:
-      raise DataSourceError(f'{source.name} has {n} classes but {what} is '
-                            f'{num_classes}.')
-
-
 def describe(source: LabeledSource) -> Dict[str, object]:
   """What a metrics report records about a source."""
   out = {'name': source.name, 'kind': source.kind}
@@ -517,10 +474,3 @@ def describe(source: LabeledSource) -> Dict[str, object]:
     out['num_classes'] = source.num_classes
   return out
 
-
-def strip_padding(boxes: tf.Tensor, classes: tf.Tensor,
-                  extra: Sequence[tf.Tensor] = ()):
-  """Drops padded rows (class < 0) of a padded box list."""
-  keep = classes >= 0
-  return (tf.boolean_mask(boxes, keep), tf.boolean_mask(classes, keep),
-          *[tf.boolean_mask(e, keep) for e in extra])

@@ -22,7 +22,7 @@ from mtssl.configs import base
 from mtssl.ops import preprocessing
 from mtssl.backbones import slim_checkpoint
 from mtssl.evaluation import augment
-from mtssl.evaluation import data as data_lib
+from mtssl.evaluation import label_checks
 from mtssl.evaluation import detector as detector_lib
 from mtssl.evaluation import metrics as metrics_lib
 from mtssl.evaluation import registry
@@ -193,8 +193,8 @@ class DetectionProtocol(runner.Protocol):
 
     def _example(ex):
       key = augment.example_seed(seed, ex['index'])
-      classes = data_lib.assert_class_range(ex['classes'], c.num_classes,
-                                            ex['index'], 'object class')
+      classes = label_checks.assert_class_range(
+          ex['classes'], c.num_classes, ex['index'], 'object class')
       jitter = tf.random.stateless_uniform([], augment.fold(key, 1),
                                            c.scale_min, c.scale_max)
       scale = self._base_scale(ex) * jitter
@@ -245,8 +245,8 @@ class DetectionProtocol(runner.Protocol):
     c = self.config
 
     def _example(ex):
-      classes = data_lib.assert_class_range(ex['classes'], c.num_classes,
-                                            ex['index'], 'object class')
+      classes = label_checks.assert_class_range(
+          ex['classes'], c.num_classes, ex['index'], 'object class')
       scale = self._base_scale(ex)
       image, new_size = self._scaled(ex, scale)
       return {

@@ -13,6 +13,7 @@ from typing import Dict
 
 from mtssl.configs import evaluation as evaluation_config
 from mtssl.evaluation import data as data_lib
+from mtssl.evaluation import label_checks
 from mtssl.evaluation import registry
 from mtssl.evaluation import runner
 from mtssl.evaluation import trunks
@@ -104,7 +105,7 @@ def make_evaluation(
   train_source.validate()
   eval_source.validate()
   if hasattr(settings, 'num_classes'):
-    data_lib.check_num_classes((train_source, eval_source),
-                               settings.num_classes, '--num_classes')
+    label_checks.check_num_classes((train_source, eval_source),
+                                   settings.num_classes, '--num_classes')
   return Evaluation(protocol_class, config, run_config, trunk_spec, settings,
                     train_source, eval_source)

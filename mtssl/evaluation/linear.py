@@ -22,6 +22,7 @@ from mtssl.ops import pooling
 from mtssl.backbones import slim_layers
 from mtssl.evaluation import augment
 from mtssl.evaluation import data as data_lib
+from mtssl.evaluation import label_checks
 from mtssl.evaluation import metrics as metrics_lib
 from mtssl.evaluation import registry
 from mtssl.evaluation import runner
@@ -127,8 +128,8 @@ class LinearProtocol(runner.Protocol):
           f'(first difference: {_first_difference(train_names, eval_names)}).')
 
   def _check(self, ex):
-    label = data_lib.assert_class_range(ex['label'], self.config.num_classes,
-                                        ex['index'])
+    label = label_checks.assert_class_range(
+        ex['label'], self.config.num_classes, ex['index'])
     return label
 
   def train_dataset(self, seed, start, batch_size):

@@ -22,6 +22,7 @@ from mtssl.configs import evaluation as evaluation_config
 from mtssl.utils import io_utils
 from mtssl.training import optimizers as optimizers_lib
 from mtssl.evaluation import data as data_lib
+from mtssl.evaluation import label_checks
 from mtssl.training import core
 
 
@@ -104,7 +105,7 @@ class Protocol(abc.ABC):
     """config.num_classes, defaulting to the training data's; checked."""
     if self.config.num_classes is None:
       self.config.num_classes = self.train_source.num_classes
-    data_lib.check_num_classes(self.sources, self.config.num_classes)
+    label_checks.check_num_classes(self.sources, self.config.num_classes)
     return self.config.num_classes
 
   def lasso_layer(self):
@@ -206,7 +207,7 @@ def _next_batch(iterator):
   try:
     return next(iterator)
   except tf.errors.InvalidArgumentError as e:
-    raise EvaluationError(data_lib.data_error_message(e)) from None
+    raise EvaluationError(label_checks.data_error_message(e)) from None
 
 
 def evaluate(protocol: Protocol, batch_size: int,
