@@ -106,12 +106,15 @@ class DataServiceTest(tf.test.TestCase):
     super().tearDownClass()
 
   def test_rp_and_col_train_from_two_workers(self):
-    # rp from shards, col from the image folder, with its preprocessing in
-    # the step: the workers send crops (their grayscale test reads the colour
-    # table, a constant of the graph).
+    # rp from shards, col from the image folder, both with preprocessing in
+    # the step: the workers send col's crops (their grayscale test reads the
+    # colour table, a constant of the graph) and rp's kept channels with the
+    # noise's keys and counters.
     cfg = make_config(os.path.join(self.get_temp_dir(), 'run'),
                       'tfrecord:' + self.shards, steps=4,
                       data_service=f'grpc://localhost:{self.port}')
+    cfg.tasks['rp'] = dataclasses.replace(cfg.tasks['rp'], config=(
+        dataclasses.replace(cfg.tasks['rp'].config, device_preprocessing=True)))
     cfg.tasks['col'] = dataclasses.replace(
         cfg.tasks['col'], data='folder:' + self.images, config=(
             dataclasses.replace(cfg.tasks['col'].config,

@@ -31,6 +31,7 @@ from mtssl.ops import color
 from mtssl.tasks import col
 from mtssl.tasks import ex
 from mtssl.tasks import ms
+from mtssl.tasks import patches
 from mtssl.tasks import rp
 from mtssl.training import step as step_lib
 from tests import real_data
@@ -169,18 +170,36 @@ class DevicePreprocessingTest(tf.test.TestCase):
 
       _, host = batches(False)
       task, raw = batches(True)
-      # Measured (1 and 2 threads): 1.5e-5 (colour dropping, RMS 50) and
-      # 6.1e-5 (harmonized, 0-255); 1.9e-3 for colour dropping under XLA.
+      # Measured (1, 2 and 8 threads): 1.5e-5 (colour dropping, RMS 50) and
+      # 6.1e-5 (harmonized, 0-255); 1.9e-3 for colour dropping under XLA
+      # (its normalization; the noise is equal, test below).
       for jit in (False, True):
         complete = tf.function(task.device_inputs, jit_compile=jit)
         for (features, labels), (want, want_labels) in zip(raw, host):
           self.assertEqual('kept_channels' in features, not harmonize)
+          # Colour dropping ships the kept channel alone.
+          self.assertEqual(features['patches'].shape[-1], 1 if not harmonize
+                           else 3)
           features, labels = complete(features, labels)
           self.assertEqual(set(features), set(want))
           self.assertAllEqual(labels['label'], want_labels['label'])
           self.assertAllEqual(features['corners'], want['corners'])
           self.assertAllClose(features['patches'], want['patches'],
                               atol=0.02, rtol=0, msg=f'jit={jit}')
+
+  def test_rp_noise_drawn_in_the_step_is_the_host_noise(self):
+    patch = tf.random.stateless_uniform([2, 16, 16, 3], [4, 5], maxval=255.0)
+    seeds = [rp.patch_seed(patches.example_seed(0, i, 1), 0)
+             for i in range(2)]
+    want, keeps = zip(*[rp.color_drop_draws(p, s)
+                        for p, s in zip(tf.unstack(patch), seeds)])
+    keys, counters = zip(*map(rp.noise_key_counter, seeds))
+    kept = tf.stack([tf.gather(p, [k], axis=-1)
+                     for p, k in zip(tf.unstack(patch), keeps)])
+    for jit in (False, True):
+      mixed = tf.function(rp.noise_in_dropped, jit_compile=jit)(
+          kept, tf.stack(keeps), tf.stack(keys), tf.stack(counters))
+      self.assertAllEqual(mixed, tf.stack(want), msg=f'jit={jit}')
 
   def test_ex_batches_equal_the_host_pipeline(self):
     def batches(device):

@@ -22,6 +22,7 @@ from mtssl.configs import base as config_base
 from mtssl.backbones import slim_layers
 from mtssl.data import problems
 from mtssl.ops import color
+from mtssl.ops import philox
 from mtssl.ops import preprocessing
 from mtssl.tasks import base
 from mtssl.tasks import heads
@@ -156,9 +157,10 @@ class RPConfig(base.TaskConfig):
   fast_preprocessing: bool = config_base.field(
       True, 'resize only the patch windows (same values; module docstring)')
   device_preprocessing: bool = config_base.field(
-      False, 'colour dropping\'s normalization (or the harmonized lightness) '
-      'inside the compiled training step: the input pipeline yields the '
-      'resized patches, with the noise in the dropped channels')
+      False, 'colour dropping (its noise and normalization) or the '
+      'harmonized lightness inside the compiled training step: the input '
+      'pipeline yields the resized patches (with colour dropping, the kept '
+      'channel and the noise\'s Philox key and counter)')
 
   def validate(self):
     super().validate()
@@ -299,6 +301,23 @@ def color_drop_draws(patch, seed):
   return tf.where(tf.equal(tf.range(3), keep), patch, noise), keep
 
 
+def noise_key_counter(seed):
+  """The Philox key and counter of `color_drop_draws`' noise for a patch
+  seed: `noise_in_dropped` draws the same noise from them on any device."""
+  return philox.key_counter(patches.draw_seed(seed, _COLOR_2))
+
+
+def noise_in_dropped(kept, keep, key, counter):
+  """`color_drop_draws`' first output from the kept channel alone, any
+  leading axes: kept [..., h, w, 1] float32, keep [...], key [..., 1] and
+  counter [..., 2] from `noise_key_counter` (the same values bit for bit)."""
+  size = kept.shape[-3:-1]
+  noise = philox.uniform(list(size) + [3], key, counter,
+                         -COLOR_DROP_NOISE, COLOR_DROP_NOISE)
+  keep = tf.cast(keep, tf.int32)[..., None, None, None]
+  return tf.where(tf.equal(tf.range(3), keep), kept, noise)
+
+
 def normalize_color_drop(mixed, keep):
   """The rest of `color_drop` on `color_drop_draws`' outputs, any leading
   axes (mixed [..., h, w, 3], keep [...]): the kept channel mean-subtracted,
@@ -334,7 +353,10 @@ class RelativePositionTask(base.Task):
 
     features: index, patches [2, p, p, 3] (trunk inputs, VGG convention),
       corners [2, 2] (y, x of each patch in the resized image), image_size
-      [2] (the resized image). labels: label [].
+      [2] (the resized image). labels: label []. With device_preprocessing
+      `device_inputs` completes the patches (from the resized windows; with
+      colour dropping their kept channel, kept_channels [2], noise_key [2, 1]
+      and noise_counter [2, 2]).
     """
     cfg = self.config
     seed = patches.example_seed(seed, index, _SALT)
@@ -363,7 +385,20 @@ class RelativePositionTask(base.Task):
         'image_size': tf.stack([height, width]),
         'upscaled': upscaled,
     }
-    if not cfg.harmonize:
+    if cfg.harmonize:
+      pass
+    elif cfg.device_preprocessing:
+      # The kept channel and the noise's key and counter: the compiled step
+      # draws the noise (`noise_in_dropped`).
+      seeds = [patch_seed(seed, i) for i in range(2)]
+      keeps = [kept_channel(s) for s in seeds]
+      crops = [tf.gather(crop, keep[tf.newaxis], axis=-1)
+               for crop, keep in zip(crops, keeps)]
+      features['kept_channels'] = tf.stack(keeps)
+      keys, counters = zip(*map(noise_key_counter, seeds))
+      features['noise_key'] = tf.stack(keys)
+      features['noise_counter'] = tf.stack(counters)
+    else:
       draws = [color_drop_draws(patch, patch_seed(seed, i))
                for i, patch in enumerate(crops)]
       crops = [mixed for mixed, _ in draws]
@@ -385,7 +420,11 @@ class RelativePositionTask(base.Task):
       patch = color.lightness_as_rgb(patch,
                                      fast=self.config.fast_preprocessing)
     else:
-      patch = normalize_color_drop(patch, features.pop('kept_channels'))
+      keep = features.pop('kept_channels')
+      if 'noise_key' in features:
+        patch = noise_in_dropped(patch, keep, features.pop('noise_key'),
+                                 features.pop('noise_counter'))
+      patch = normalize_color_drop(patch, keep)
     features['patches'] = preprocessing.vgg_preprocess(patch)
     return features, labels
 
