@@ -239,6 +239,10 @@ class PipelineTest(tf.test.TestCase):
       rp.RPConfig(min_pixels=10, max_pixels=5).validate()
     with self.assertRaisesRegex(ValueError, 'fc_depth'):
       rp.RPConfig(fc_depth=0).validate()
+    with self.assertRaisesRegex(ValueError, 'device_region 100 is below'):
+      rp.RPConfig(device_region=100).validate()
+    self.assertEqual(rp.RPConfig().region_size, 160)
+    self.assertEqual(rp.RPConfig(patch_size=32).region_size, 56)
 
 
 class HeadTest(tf.test.TestCase):

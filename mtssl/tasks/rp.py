@@ -23,6 +23,7 @@ from mtssl.backbones import slim_layers
 from mtssl.data import problems
 from mtssl.ops import color
 from mtssl.ops import philox
+from mtssl.ops import windows
 from mtssl.ops import preprocessing
 from mtssl.tasks import base
 from mtssl.tasks import heads
@@ -159,8 +160,13 @@ class RPConfig(base.TaskConfig):
   device_preprocessing: bool = config_base.field(
       False, 'colour dropping (its noise and normalization) or the '
       'harmonized lightness inside the compiled training step: the input '
-      'pipeline yields the resized patches (with colour dropping, the kept '
-      'channel and the noise\'s Philox key and counter)')
+      'pipeline yields the source pixels of the two patch windows (with '
+      'colour dropping, of the kept channel), the noise\'s Philox key and '
+      'counter')
+  device_region: int = config_base.field(
+      0, 'side of the source region sent per patch with device_preprocessing '
+      '(0: 5/3 of patch_size, rounded up to a multiple of 8); a window that '
+      'reads more (a large downscale) is resampled on the host')
 
   def validate(self):
     super().validate()
@@ -184,6 +190,16 @@ class RPConfig(base.TaskConfig):
                          f'{getattr(self, name)}.')
     if self.fc_depth is not None and self.fc_depth <= 0:
       raise ValueError(f'rp fc_depth must be positive, got {self.fc_depth}.')
+    if self.device_region and self.device_region < self.patch_size + 8:
+      raise ValueError(
+          f'rp device_region {self.device_region} is below patch_size + 8 '
+          f'({self.patch_size + 8}): every window would be resampled on the '
+          f'host. Use 0 for the default.')
+
+  @property
+  def region_size(self) -> int:
+    """Side of the source region per patch with device_preprocessing."""
+    return self.device_region or -(-5 * self.patch_size // 24) * 8
 
   @property
   def min_side(self) -> int:
@@ -370,6 +386,16 @@ class RelativePositionTask(base.Task):
     geometry = sample_pair_geometry(height, width, seed, cfg.patch_size,
                                     cfg.gap, cfg.jitter)
     corners = geometry['corners']
+    features = {
+        'index': tf.cast(index, tf.int64),
+        'corners': corners,
+        'image_size': tf.stack([height, width]),
+        'upscaled': upscaled,
+    }
+    if cfg.device_preprocessing:
+      features.update(self._window_sources(image, height, width, corners,
+                                           seed))
+      return features, {'label': geometry['label']}
     if cfg.fast_preprocessing:
       crops = tf.unstack(resized_windows(image, height, width, corners,
                                          cfg.patch_size))
@@ -379,43 +405,56 @@ class RelativePositionTask(base.Task):
       resized = tf.clip_by_value(resized, 0.0, 255.0)
       crops = [patches.crop(resized, corners[i, 0], corners[i, 1],
                             cfg.patch_size) for i in range(2)]
-    features = {
-        'index': tf.cast(index, tf.int64),
-        'corners': geometry['corners'],
-        'image_size': tf.stack([height, width]),
-        'upscaled': upscaled,
-    }
-    if cfg.harmonize:
-      pass
-    elif cfg.device_preprocessing:
-      # The kept channel and the noise's key and counter: the compiled step
-      # draws the noise (`noise_in_dropped`).
-      seeds = [patch_seed(seed, i) for i in range(2)]
-      keeps = [kept_channel(s) for s in seeds]
-      crops = [tf.gather(crop, keep[tf.newaxis], axis=-1)
-               for crop, keep in zip(crops, keeps)]
-      features['kept_channels'] = tf.stack(keeps)
-      keys, counters = zip(*map(noise_key_counter, seeds))
-      features['noise_key'] = tf.stack(keys)
-      features['noise_counter'] = tf.stack(counters)
-    else:
+    if not cfg.harmonize:
       draws = [color_drop_draws(patch, patch_seed(seed, i))
                for i, patch in enumerate(crops)]
       crops = [mixed for mixed, _ in draws]
       features['kept_channels'] = tf.stack([keep for _, keep in draws])
     features['patches'] = tf.stack(crops)
-    if not cfg.device_preprocessing:
-      features = self.device_inputs(features, {}, on_host=True)[0]
+    features = self.device_inputs(features, {}, on_host=True)[0]
     return features, {'label': geometry['label']}
 
+  def _window_sources(self, image, height, width, corners, seed):
+    """With device_preprocessing: the source pixels of both windows
+    (`windows.cut`, as window_* features) and, with colour dropping, of the
+    kept channel alone, with the noise's key and counter."""
+    cfg = self.config
+    size = cfg.patch_size
+
+    def _on_host(im, resized, corner):
+      return resized_windows(im, resized[0], resized[1], corner[tf.newaxis],
+                             size)[0]
+
+    features, channels = {}, [None, None]
+    if not cfg.harmonize:
+      seeds = [patch_seed(seed, i) for i in range(2)]
+      keeps = [kept_channel(s) for s in seeds]
+      channels = [keep[tf.newaxis] for keep in keeps]
+      features['kept_channels'] = tf.stack(keeps)
+      keys, counters = zip(*map(noise_key_counter, seeds))
+      features['noise_key'] = tf.stack(keys)
+      features['noise_counter'] = tf.stack(counters)
+    cuts = [windows.cut(image, tf.stack([height, width]), corners[i], size,
+                        cfg.region_size, _on_host, channels[i])
+            for i in range(2)]
+    for key in windows.CUT_KEYS:
+      features['window_' + key] = tf.stack([cut[key] for cut in cuts])
+    return features
+
   def device_inputs(self, features, labels, on_host=False):
-    """Each patch's colour dropping normalization (or harmonized lightness)
-    and VGG preprocessing: inside the compiled step with
-    device_preprocessing, else per example in the input pipeline."""
+    """Each patch's colour dropping (or harmonized lightness) and VGG
+    preprocessing, and with device_preprocessing the windows themselves:
+    inside the compiled step with device_preprocessing, else per example in
+    the input pipeline."""
     if not (on_host or self.config.device_preprocessing):
       return features, labels
     features = dict(features)
-    patch = tf.cast(features['patches'], tf.float32)
+    if 'window_region' in features:
+      patch = windows.resample(
+          **{k: features.pop('window_' + k) for k in windows.CUT_KEYS},
+          size=self.config.patch_size)
+    else:
+      patch = tf.cast(features['patches'], tf.float32)
     if self.config.harmonize:
       patch = color.lightness_as_rgb(patch,
                                      fast=self.config.fast_preprocessing)
