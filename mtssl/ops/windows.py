@@ -11,8 +11,8 @@ of the sums (the test measures it).
 
 Typical use:
 
-    region = windows.cut(image, [h, w], corner, 96, region=160)  # host
-    window = windows.resample(*region_batch, size=96)             # device
+    cut = windows.cut(image, [h, w], corners, 96, 160, on_host)  # host
+    patches = windows.resample(**batch_of_cuts, size=96)          # device
 """
 
 from typing import Dict
@@ -25,63 +25,72 @@ CUT_KEYS = ('region', 'origin', 'image_size', 'scale', 'corner')
 _RADIUS = 1.0
 
 
-def _axis_bounds(corner, scale, size: int, length):
-  """[first, end) of the source pixels that a window of `size` output pixels
-  at `corner` reads along an axis of `length` pixels (one pixel of margin
-  either side), float64 arithmetic."""
+def _bounds(corners, scale, size: int, shape):
+  """[first, end) of the source pixels that size x size windows at `corners`
+  ([N, 2], y and x) read (one pixel of margin either side), [N, 2] int32
+  each; float64 arithmetic."""
   inv = 1.0 / tf.cast(scale, tf.float64)
   reach = tf.maximum(inv, 1.0) * _RADIUS
-  corner = tf.cast(corner, tf.float64)
-  first = tf.math.floor((corner + 0.5) * inv - reach - 0.5) - 1.0
-  end = tf.math.ceil((corner + size - 0.5) * inv + reach - 0.5) + 2.0
-  length = tf.cast(length, tf.float64)
+  corners = tf.cast(corners, tf.float64)
+  first = tf.math.floor((corners + 0.5) * inv - reach - 0.5) - 1.0
+  end = tf.math.ceil((corners + size - 0.5) * inv + reach - 0.5) + 2.0
+  length = tf.cast(shape, tf.float64)
   return (tf.cast(tf.clip_by_value(first, 0.0, length), tf.int32),
           tf.cast(tf.clip_by_value(end, 0.0, length), tf.int32))
 
 
-def cut(image, resized, corner, size: int, region: int,
-        window_fn=None, channels=None) -> Dict[str, tf.Tensor]:
-  """The source pixels of one window, for `resample`.
+def cut(image, resized, corners, size: int, region: int, window_fn,
+        channels=None) -> Dict[str, tf.Tensor]:
+  """The source pixels of N windows, for `resample`.
 
   image: [H, W, C] (any real dtype) to be resized to `resized` ([2] int,
-  height and width); corner: [2] (y, x) of the size x size window in the
-  resized image. Returns float32 region [region, region, C] (the pixels the
-  window reads, zero-padded) and its resampling parameters: origin [2]
-  int32 (the region's place in the image), image_size [2] int32, scale [2]
-  float32, corner [2] float32. A window that reads more than region x
-  region pixels (a large downscale) is computed here by `window_fn(image,
-  resized, corner)` (float32 [size, size, C]) and sent as its own region
-  with an identity resampling. `channels` (int [k]) keeps those channels
-  of the image alone.
+  height and width); corners: [N, 2] (y, x) of the size x size windows in
+  the resized image; channels: None (all of the image's) or int [N] (one
+  channel per window). Returns float32 region [N, region, region, C or 1]
+  (the pixels each window reads, zero-padded) and the resampling
+  parameters, [N, 2] each: origin int32 (the region's place in the image),
+  image_size int32, scale and corner float32. A window that reads more
+  than region x region pixels (a large downscale) is computed here by
+  `window_fn(image, resized, corner)` (float32 [size, size, C]) and sent as
+  its own region with an identity resampling.
   """
+  n = corners.shape[0]
   shape = tf.shape(image)[:2]
   scale = tf.cast(resized, tf.float32) / tf.cast(shape, tf.float32)
-  bounds = [_axis_bounds(corner[a], scale[a], size, shape[a]) for a in (0, 1)]
-  first = tf.stack([b[0] for b in bounds])
-  extent = tf.stack([b[1] for b in bounds]) - first
-  depth = image.shape[-1] if channels is None else channels.shape[0]
+  first, end = _bounds(corners, scale, size, shape)
+  extent = end - first
+  fits = tf.reduce_all(extent <= region, axis=1)
 
-  def _kept(x):
-    return x if channels is None else tf.gather(x, channels, axis=-1)
+  def _region(i):
+    if channels is None:
+      begin, width = tf.stack([first[i, 0], first[i, 1], 0]), -1
+    else:
+      begin, width = tf.stack([first[i, 0], first[i, 1], channels[i]]), 1
+    part = tf.slice(image, begin, tf.stack([extent[i, 0], extent[i, 1],
+                                            width]))
+    return _pad(tf.cast(part, tf.float32), region)
 
-  def _region():
-    part = tf.cast(_kept(image[first[0]:first[0] + extent[0],
-                               first[1]:first[1] + extent[1]]), tf.float32)
-    return (_pad(part, region), first, shape, scale,
-            tf.cast(corner, tf.float32))
+  def _window(i):
+    window = window_fn(image, resized, corners[i])
+    if channels is not None:
+      window = tf.gather(window, channels[i][tf.newaxis], axis=-1)
+    return _pad(tf.cast(window, tf.float32), region)
 
-  def _window():
-    window = tf.cast(_kept(window_fn(image, resized, corner)), tf.float32)
-    return (_pad(window, region), tf.zeros([2], tf.int32),
-            tf.constant([size, size], tf.int32), tf.ones([2], tf.float32),
-            tf.zeros([2], tf.float32))
+  def _some_on_host():
+    return tf.stack([tf.cond(fits[i], lambda i=i: _region(i),
+                             lambda i=i: _window(i)) for i in range(n)])
 
-  if window_fn is None:
-    parts = _region()
-  else:
-    parts = tf.cond(tf.reduce_all(extent <= region), _region, _window)
-  parts[0].set_shape([region, region, depth])
-  return dict(zip(CUT_KEYS, parts))
+  regions = tf.cond(tf.reduce_all(fits),
+                    lambda: tf.stack([_region(i) for i in range(n)]),
+                    _some_on_host)
+  regions.set_shape([n, region, region,
+                     image.shape[-1] if channels is None else 1])
+  fits = fits[:, tf.newaxis]
+  return {'region': regions,
+          'origin': tf.where(fits, first, 0),
+          'image_size': tf.where(fits, tf.broadcast_to(shape, [n, 2]), size),
+          'scale': tf.where(fits, tf.broadcast_to(scale, [n, 2]), 1.0),
+          'corner': tf.where(fits, tf.cast(corners, tf.float32), 0.0)}
 
 
 def _pad(x, region: int):

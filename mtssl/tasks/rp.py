@@ -425,20 +425,17 @@ class RelativePositionTask(base.Task):
       return resized_windows(im, resized[0], resized[1], corner[tf.newaxis],
                              size)[0]
 
-    features, channels = {}, [None, None]
+    features, channels = {}, None
     if not cfg.harmonize:
       seeds = [patch_seed(seed, i) for i in range(2)]
-      keeps = [kept_channel(s) for s in seeds]
-      channels = [keep[tf.newaxis] for keep in keeps]
-      features['kept_channels'] = tf.stack(keeps)
+      channels = tf.stack([kept_channel(s) for s in seeds])
+      features['kept_channels'] = channels
       keys, counters = zip(*map(noise_key_counter, seeds))
       features['noise_key'] = tf.stack(keys)
       features['noise_counter'] = tf.stack(counters)
-    cuts = [windows.cut(image, tf.stack([height, width]), corners[i], size,
-                        cfg.region_size, _on_host, channels[i])
-            for i in range(2)]
-    for key in windows.CUT_KEYS:
-      features['window_' + key] = tf.stack([cut[key] for cut in cuts])
+    cut = windows.cut(image, tf.stack([height, width]), corners, size,
+                      cfg.region_size, _on_host, channels)
+    features.update({'window_' + k: v for k, v in cut.items()})
     return features
 
   def device_inputs(self, features, labels, on_host=False):
