@@ -19,6 +19,7 @@ from mtssl.backbones import slim_layers
 from mtssl.data import problems
 from mtssl.ops import color
 from mtssl.ops import preprocessing
+from mtssl.ops import warp
 from mtssl.tasks import base
 from mtssl.tasks import heads
 from mtssl.tasks import patches
@@ -104,8 +105,9 @@ class ExConfig(base.TaskConfig):
       True, 'one batched colour shift of the three views with fast kernels '
       '(same values; module docstring)')
   device_preprocessing: bool = config_base.field(
-      False, 'the colour shifts inside the compiled training step: the input '
-      'pipeline yields the views (float32 in [0, 1]) and their colour draws')
+      False, 'the views\' warps and colour shifts inside the compiled '
+      'training step: the input pipeline yields the resized image (float32 '
+      'in [0, 1]), the views\' transforms and their colour draws')
 
   def validate(self):
     super().validate()
@@ -169,6 +171,18 @@ def extract_views(image, transforms, patch_size):
                       for i in range(transforms.shape[0])], axis=0)
   n = tf.shape(transforms)[0]
   return warp(tf.tile(image[tf.newaxis], tf.stack([n, 1, 1, 1])), transforms)
+
+
+def warp_views(images, transforms, patch_size):
+  """`extract_views` (clipped to [0, 1]) of a batch, in ops a compiled step
+  runs: images [B, H, W, C], transforms [B, V, 8] -> views [B, V, p, p, C]."""
+  batch, count = tf.shape(transforms)[0], transforms.shape[1]
+  views = warp.projective_bilinear(
+      images, tf.reshape(transforms, [-1, 8]), [patch_size, patch_size],
+      image_index=tf.repeat(tf.range(batch), count))
+  views = tf.reshape(views, tf.concat(
+      [[batch, count], tf.shape(views)[1:]], 0))
+  return tf.clip_by_value(views, 0.0, 1.0)
 
 
 def color_parameters(seed, config: ExConfig):
@@ -277,8 +291,8 @@ class ExemplarTask(base.Task):
     features: index, patches [3, p, p, 3] (x1, x2, negative candidate; trunk
     inputs, VGG convention), centres [2, 2] ((y, x) of the seed patch and of
     the candidate's patch in the 256x256 image), transforms [3, 8]. With
-    device_preprocessing, views [3, p, p, 3] (RGB in [0, 1]) and color (their
-    `view_color_parameters`) in place of patches.
+    device_preprocessing, resized_image [s, s, 3] (RGB in [0, 1], the views'
+    source) and color (their `view_color_parameters`) in place of patches.
     """
     cfg = self.config
     seed = patches.example_seed(seed, index, _SALT)
@@ -293,14 +307,14 @@ class ExemplarTask(base.Task):
     view_centres = [centres[0], centres[0], centres[1]]
     transforms = tf.stack([sample_view(s, c, cfg)
                            for s, c in zip(view_seeds, view_centres)])
-    views = tf.clip_by_value(extract_views(image, transforms, cfg.patch_size),
-                             0.0, 1.0)
     color_seeds = [patches.draw_seed(s, _COLOR_SEED) for s in view_seeds]
     features = {'index': tf.cast(index, tf.int64), 'centres': centres,
                 'transforms': transforms}
     if cfg.device_preprocessing:
-      return dict(features, views=views,
+      return dict(features, resized_image=image,
                   color=view_color_parameters(color_seeds, cfg))
+    views = tf.clip_by_value(extract_views(image, transforms, cfg.patch_size),
+                             0.0, 1.0)
     if cfg.fast_preprocessing:
       views = color_shift_views(views, color_seeds, cfg)
     else:
@@ -339,13 +353,15 @@ class ExemplarTask(base.Task):
         self.arrange_triplets)).prefetch(tf.data.AUTOTUNE)
 
   def device_inputs(self, features, labels):
-    """With device_preprocessing: the views' colour shifts, then the
-    triplets (what the host path does per example and per batch); the host
-    yields no labels then."""
+    """With device_preprocessing: the views' warps and colour shifts, then
+    the triplets (what the host path does per example and per batch); the
+    host yields no labels then."""
     if not self.config.device_preprocessing:
       return features, labels
     features = dict(features)
-    views = apply_color_shift(features.pop('views'), features.pop('color'),
+    views = warp_views(features.pop('resized_image'), features['transforms'],
+                       self.config.patch_size)
+    views = apply_color_shift(views, features.pop('color'),
                               self.config.fast_preprocessing)
     features['patches'] = preprocessing.vgg_preprocess(views * 255.0)
     return self.arrange_triplets(features)
