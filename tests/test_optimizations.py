@@ -239,6 +239,37 @@ class DevicePreprocessingTest(tf.test.TestCase):
         self.assertAllClose(a, b, rtol=1e-3, atol=1e-4)
 
 
+  def test_rp_and_ex_compiled_steps_match_the_host_path(self):
+    # The moved work (rp's windows and noise, ex's warps) inside an XLA
+    # step, against the host path's plain step. Measured (1 and 2 threads):
+    # first-step losses equal (rp) and 3.6e-5 apart relative (ex).
+    configs = {
+        'rp': (rp.RelativePositionTask, rp.RPConfig, dict(
+            patch_size=32, gap=16, jitter=3, min_pixels=20000,
+            max_pixels=30000, unit_depths=(16, 8), unit_bottleneck=8,
+            fc_bottleneck=8)),
+        'ex': (ex.ExemplarTask, ex.ExConfig, dict(
+            image_size=64, patch_size=24, unit_depths=(16, 8),
+            unit_bottleneck=8)),
+    }
+    for name, (task_class, config_class, fields) in configs.items():
+      losses = []
+      for device in (False, True):
+        tf_keras.utils.set_random_seed(0)
+        task = task_class(config_class(batch_size=2,
+                                       device_preprocessing=device, **fields))
+        trunk = resnet_v2.ResNetV2(TINY, output_stride=8, scope='tiny')
+        model = model_lib.MultiTaskModel(trunk, {name: task})
+        features, labels = task_checks.take(task.make_dataset(
+            sources.SyntheticImageSource(120, 160), 2, seed=0), 1)[0]
+        model.build_all({name: features})
+        step = step_lib.TaskTrainStep(model, name, optimizers.TF1RMSProp(1e-3),
+                                      jit_compile=device)
+        losses.append(float(step(features, labels)['loss']))
+      self.assertTrue(np.isfinite(losses[1]), msg=name)
+      self.assertAllClose(losses[1], losses[0], rtol=2e-4, msg=name)
+
+
 class TrunkLayoutTest(tf.test.TestCase):
 
   def _graph_ops(self, trunk, training):
