@@ -194,6 +194,35 @@ class PipelineTest(tf.test.TestCase):
       ex.ExConfig(patch_size=300).validate()
 
 
+class DeviceResizeTest(tf.test.TestCase):
+
+  def test_padded_sources_resize_as_the_host_does(self):
+    rng = np.random.default_rng(3)
+    size, bound = 32, 64
+    # Two images that fit the bound (resized in the step) and one larger
+    # (resized here, its float32 bytes sent in the padded source).
+    images = [tf.constant(rng.integers(0, 256, shape), tf.uint8)
+              for shape in ((40, 60, 3), (64, 17, 3), (90, 50, 3))]
+    parts = [ex.padded_source(image, size, bound) for image in images]
+    self.assertEqual([bool(p['resized_on_host']) for p in parts],
+                     [False, False, True])
+    batch = {k: tf.stack([p[k] for p in parts]) for k in parts[0]}
+    compiled = tf.function(ex.resize_sources, jit_compile=True)
+    for fn in (ex.resize_sources, compiled):
+      got = fn(batch['source'], batch['source_size'],
+               batch['resized_on_host'], size)
+      for i, image in enumerate(images):
+        want = ex.resize_image(image, size)
+        # Measured (1, 2 and 8 threads): 1.2e-7 without XLA and 1.8e-7
+        # under it, in [0, 1]; the host-resized image is sent exactly.
+        self.assertAllClose(got[i], want, atol=0.0 if i == 2 else 1e-6,
+                            rtol=0)
+
+  def test_bound_below_twice_the_image_is_refused(self):
+    with self.assertRaisesRegex(ValueError, 'device_image_bound 500 is below'):
+      ex.ExConfig(device_image_bound=500).validate()
+
+
 class HeadTest(tf.test.TestCase):
 
   def test_paper_head_on_real_trunk(self):

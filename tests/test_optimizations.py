@@ -212,8 +212,9 @@ class DevicePreprocessingTest(tf.test.TestCase):
 
     _, host = batches(False)
     task, raw = batches(True)
-    self.assertEqual(set(raw[0][0]), {'index', 'resized_image', 'color',
-                                      'centres', 'transforms'})
+    self.assertEqual(set(raw[0][0]), {'index', 'source', 'source_size',
+                                      'resized_on_host', 'color', 'centres',
+                                      'transforms'})
     # Measured (1, 2 and 8 threads, 0-255): 4.4e-3 without XLA (Grappler's
     # arithmetic rewrites of the warp in a tf.function; eagerly it equals the
     # kernel, tests/test_warp.py), 2.6e-3 under XLA.

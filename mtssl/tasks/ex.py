@@ -20,6 +20,7 @@ from mtssl.data import problems
 from mtssl.ops import color
 from mtssl.ops import preprocessing
 from mtssl.ops import warp
+from mtssl.ops import windows
 from mtssl.tasks import base
 from mtssl.tasks import heads
 from mtssl.tasks import patches
@@ -105,9 +106,14 @@ class ExConfig(base.TaskConfig):
       True, 'one batched colour shift of the three views with fast kernels '
       '(same values; module docstring)')
   device_preprocessing: bool = config_base.field(
-      False, 'the views\' warps and colour shifts inside the compiled '
-      'training step: the input pipeline yields the resized image (float32 '
-      'in [0, 1]), the views\' transforms and their colour draws')
+      False, 'the resize, the views\' warps and colour shifts inside the '
+      'compiled training step: the input pipeline yields the decoded image '
+      '(uint8, padded to device_image_bound), the views\' transforms and '
+      'their colour draws')
+  device_image_bound: int = config_base.field(
+      512, 'side of the padded image sent per example with '
+      'device_preprocessing (at least 2 x image_size); larger images are '
+      'resized on the host')
 
   def validate(self):
     super().validate()
@@ -131,6 +137,11 @@ class ExConfig(base.TaskConfig):
     if not self.unit_depths or min(self.unit_depths) <= 0:
       raise ValueError(f'ex unit_depths must be positive, got '
                        f'{self.unit_depths}.')
+    if self.device_image_bound < 2 * self.image_size:
+      raise ValueError(
+          f'ex device_image_bound {self.device_image_bound} is below 2 x '
+          f'image_size ({2 * self.image_size}): an image resized on the host '
+          f'(float32) would not fit in its bytes.')
 
 
 def view_transform(centre, translation, scale, angle, patch_size):
@@ -171,6 +182,57 @@ def extract_views(image, transforms, patch_size):
                       for i in range(transforms.shape[0])], axis=0)
   n = tf.shape(transforms)[0]
   return warp(tf.tile(image[tf.newaxis], tf.stack([n, 1, 1, 1])), transforms)
+
+
+def resize_image(image, size: int):
+  """The image ([H, W, 3] uint8) as float32 RGB in [0, 1], resized to size x
+  size (bilinear, antialiased)."""
+  image = tf.image.resize(tf.cast(image, tf.float32) / 255.0, [size, size],
+                          method='bilinear', antialias=True)
+  return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def padded_source(image, size: int, bound: int):
+  """With device_preprocessing: source uint8 [bound, bound, 3], the image
+  zero-padded, and its source_size [2]; an image larger than bound on a side
+  is resized here (`resize_image`) and sent as the bytes of its float32
+  values (resized_on_host; `resize_sources` reads them back)."""
+  shape = tf.shape(image)[:2]
+  fits = tf.reduce_all(shape <= bound)
+
+  def _padded():
+    return tf.pad(image, [[0, bound - shape[0]], [0, bound - shape[1]],
+                          [0, 0]])
+
+  def _resized():
+    data = tf.reshape(tf.bitcast(resize_image(image, size), tf.uint8), [-1])
+    return tf.reshape(tf.pad(data, [[0, 3 * bound * bound - 12 * size * size]]),
+                      [bound, bound, 3])
+
+  source = tf.cond(fits, _padded, _resized)
+  source.set_shape([bound, bound, 3])
+  return {'source': source,
+          'source_size': tf.where(fits, shape, bound),
+          'resized_on_host': tf.logical_not(fits)}
+
+
+def resize_sources(source, source_size, resized_on_host, size: int):
+  """`padded_source`'s outputs of a batch -> float32 [B, size, size, 3] in
+  [0, 1]: `resize_image` of each image, as matrix products of the resize's
+  weights (mtssl.ops.windows), or the values sent for an image resized on
+  the host."""
+  count = tf.shape(source)[0]
+  image_size = tf.cast(source_size, tf.int32)
+  on_device = windows.resample(
+      tf.cast(source, tf.float32) / 255.0, tf.zeros([count, 2], tf.int32),
+      image_size,
+      float(size) / tf.cast(image_size, tf.float32),
+      tf.zeros([count, 2], tf.float32), size=size)
+  data = tf.reshape(source, [count, -1])[:, :12 * size * size]
+  on_host = tf.bitcast(tf.reshape(data, [count, size, size, 3, 4]),
+                       tf.float32)
+  return tf.where(resized_on_host[:, tf.newaxis, tf.newaxis, tf.newaxis],
+                  on_host, tf.clip_by_value(on_device, 0.0, 1.0))
 
 
 def warp_views(images, transforms, patch_size):
@@ -291,15 +353,12 @@ class ExemplarTask(base.Task):
     features: index, patches [3, p, p, 3] (x1, x2, negative candidate; trunk
     inputs, VGG convention), centres [2, 2] ((y, x) of the seed patch and of
     the candidate's patch in the 256x256 image), transforms [3, 8]. With
-    device_preprocessing, resized_image [s, s, 3] (RGB in [0, 1], the views'
-    source) and color (their `view_color_parameters`) in place of patches.
+    device_preprocessing, the image's `padded_source` (source, source_size,
+    resized_on_host) and color (the views' `view_color_parameters`) in place
+    of patches.
     """
     cfg = self.config
     seed = patches.example_seed(seed, index, _SALT)
-    size = cfg.image_size
-    image = tf.image.resize(tf.cast(image, tf.float32) / 255.0, [size, size],
-                            method='bilinear', antialias=True)
-    image = tf.clip_by_value(image, 0.0, 1.0)
     centres = tf.stack([
         _sample_centre(patches.draw_seed(seed, _SEED_CENTRE), cfg),
         _sample_centre(patches.draw_seed(seed, _CANDIDATE_CENTRE), cfg)])
@@ -311,8 +370,10 @@ class ExemplarTask(base.Task):
     features = {'index': tf.cast(index, tf.int64), 'centres': centres,
                 'transforms': transforms}
     if cfg.device_preprocessing:
-      return dict(features, resized_image=image,
-                  color=view_color_parameters(color_seeds, cfg))
+      return dict(features, color=view_color_parameters(color_seeds, cfg),
+                  **padded_source(image, cfg.image_size,
+                                  cfg.device_image_bound))
+    image = resize_image(image, cfg.image_size)
     views = tf.clip_by_value(extract_views(image, transforms, cfg.patch_size),
                              0.0, 1.0)
     if cfg.fast_preprocessing:
@@ -359,8 +420,10 @@ class ExemplarTask(base.Task):
     if not self.config.device_preprocessing:
       return features, labels
     features = dict(features)
-    views = warp_views(features.pop('resized_image'), features['transforms'],
-                       self.config.patch_size)
+    images = resize_sources(features.pop('source'), features.pop('source_size'),
+                            features.pop('resized_on_host'),
+                            self.config.image_size)
+    views = warp_views(images, features['transforms'], self.config.patch_size)
     views = apply_color_shift(views, features.pop('color'),
                               self.config.fast_preprocessing)
     features['patches'] = preprocessing.vgg_preprocess(views * 255.0)
