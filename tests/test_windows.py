@@ -10,8 +10,8 @@ PATCH, REGION = 32, 56
 
 
 def _on_host(image, resized, corner):
-  return rp.resized_windows(image, resized[0], resized[1], corner[None],
-                            PATCH)[0]
+  return windows.resized_windows(image, resized[0], resized[1],
+                                 corner[None], PATCH)[0]
 
 
 def _on_host_flags(cut):
@@ -36,7 +36,7 @@ class ResampleTest(tf.test.TestCase):
                                  int(rng.integers(10000, 30000)), 80)
       corners = rp.sample_pair_geometry(h, w, tf.constant([t, 3], tf.int64),
                                         PATCH, 16, 3)['corners']
-      want = rp.resized_windows(image, h, w, corners, PATCH)
+      want = windows.resized_windows(image, h, w, corners, PATCH)
       cut = windows.cut(image, tf.stack([h, w]), corners, PATCH, REGION,
                         _on_host)
       kinds.update(_on_host_flags(cut))
@@ -70,7 +70,7 @@ class ResampleTest(tf.test.TestCase):
     got = windows.resample(**{k: tf.stack([v, v]) for k, v in cut.items()},
                            size=PATCH)
     self.assertEqual(got.shape, [2, 3, PATCH, PATCH, 1])
-    want = rp.resized_windows(image, 130, 160, corners, PATCH)
+    want = windows.resized_windows(image, 130, 160, corners, PATCH)
     for i, channel in enumerate((2, 0, 1)):
       self.assertAllClose(got[1, i, ..., 0], want[i, ..., channel], atol=5e-4,
                           rtol=0)

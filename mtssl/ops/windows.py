@@ -6,7 +6,8 @@ weights depend only on the scale, the window's corner and the image size,
 so a window can be computed from the source pixels it reads: `cut` takes
 them from the image (a fixed-size region, in the input pipeline) and
 `resample` applies the op's weights to them as two matrix products (in a
-compiled step, batched). The result equals the op's within float32 rounding
+compiled step, batched). `resized_windows` runs the op itself for each
+window (in the input pipeline). The result equals the op's within float32 rounding
 of the sums (the test measures it).
 
 Typical use:
@@ -23,6 +24,27 @@ CUT_KEYS = ('region', 'origin', 'image_size', 'scale', 'corner')
 # ScaleAndTranslate's 'triangle' kernel has radius 1 (in output pixels,
 # times 1 / scale when antialiased and downscaling).
 _RADIUS = 1.0
+
+
+def resized_windows(image, height, width, corners, size: int):
+  """Windows of `image` as if resized to height x width first.
+
+  Window i is the size x size patch at corners[i] (y, x) of
+  `tf.image.resize(image, [height, width], 'bilinear', antialias=True)`
+  clipped to [0, 255], computed by TensorFlow's ScaleAndTranslate (the op
+  that resize runs, with the same scale) for that window alone: output pixel
+  (y, x) samples the input at ((y, x) + corner + 0.5) / scale, as the full
+  resize does at (y, x) + corner. Returns float32 [N, size, size, C].
+  """
+  image = tf.cast(image, tf.float32)[tf.newaxis]
+  scale = (tf.cast(tf.stack([height, width]), tf.float32) /
+           tf.cast(tf.shape(image)[1:3], tf.float32))
+  corners = tf.cast(corners, tf.float32)
+  windows = [tf.raw_ops.ScaleAndTranslate(
+      images=image, size=tf.constant([size, size], tf.int32), scale=scale,
+      translation=-corners[i], kernel_type='triangle', antialias=True)
+             for i in range(corners.shape[0])]
+  return tf.clip_by_value(tf.concat(windows, axis=0), 0.0, 255.0)
 
 
 def _bounds(corners, scale, size: int, shape):

@@ -227,27 +227,6 @@ def resized_shape(height, width, pixels, min_side):
   return tf.cast(new_h, tf.int32), tf.cast(new_w, tf.int32), upscaled
 
 
-def resized_windows(image, height, width, corners, size: int):
-  """Windows of `image` as if resized to height x width first.
-
-  Window i is the size x size patch at corners[i] (y, x) of
-  `tf.image.resize(image, [height, width], 'bilinear', antialias=True)`
-  clipped to [0, 255], computed by TensorFlow's ScaleAndTranslate (the op
-  that resize runs, with the same scale) for that window alone: output pixel
-  (y, x) samples the input at ((y, x) + corner + 0.5) / scale, as the full
-  resize does at (y, x) + corner. Returns float32 [N, size, size, C].
-  """
-  image = tf.cast(image, tf.float32)[tf.newaxis]
-  scale = (tf.cast(tf.stack([height, width]), tf.float32) /
-           tf.cast(tf.shape(image)[1:3], tf.float32))
-  corners = tf.cast(corners, tf.float32)
-  windows = [tf.raw_ops.ScaleAndTranslate(
-      images=image, size=tf.constant([size, size], tf.int32), scale=scale,
-      translation=-corners[i], kernel_type='triangle', antialias=True)
-             for i in range(corners.shape[0])]
-  return tf.clip_by_value(tf.concat(windows, axis=0), 0.0, 255.0)
-
-
 def sample_pair_geometry(height, width, seed, patch_size=96, gap=48, jitter=7):
   """Grid, label and patch corners of one pair in a height x width image.
 
@@ -397,8 +376,8 @@ class RelativePositionTask(base.Task):
                                            seed))
       return features, {'label': geometry['label']}
     if cfg.fast_preprocessing:
-      crops = tf.unstack(resized_windows(image, height, width, corners,
-                                         cfg.patch_size))
+      crops = tf.unstack(windows.resized_windows(image, height, width,
+                                                 corners, cfg.patch_size))
     else:
       resized = tf.image.resize(tf.cast(image, tf.float32), [height, width],
                                 method='bilinear', antialias=True)
@@ -422,8 +401,8 @@ class RelativePositionTask(base.Task):
     size = cfg.patch_size
 
     def _on_host(im, resized, corner):
-      return resized_windows(im, resized[0], resized[1], corner[tf.newaxis],
-                             size)[0]
+      return windows.resized_windows(im, resized[0], resized[1],
+                                     corner[tf.newaxis], size)[0]
 
     features, channels = {}, None
     if not cfg.harmonize:
