@@ -220,7 +220,9 @@ class DeviceResizeTest(tf.test.TestCase):
 
   def test_bound_below_twice_the_image_is_refused(self):
     with self.assertRaisesRegex(ValueError, 'device_image_bound 500 is below'):
-      ex.ExConfig(device_image_bound=500).validate()
+      ex.ExConfig(device_image_bound=500, device_preprocessing=True).validate()
+    # Without device preprocessing the bound is not used.
+    ex.ExConfig(image_size=300).validate()
 
 
 class HeadTest(tf.test.TestCase):

@@ -137,7 +137,8 @@ class ExConfig(base.TaskConfig):
     if not self.unit_depths or min(self.unit_depths) <= 0:
       raise ValueError(f'ex unit_depths must be positive, got '
                        f'{self.unit_depths}.')
-    if self.device_image_bound < 2 * self.image_size:
+    if (self.device_preprocessing
+        and self.device_image_bound < 2 * self.image_size):
       raise ValueError(
           f'ex device_image_bound {self.device_image_bound} is below 2 x '
           f'image_size ({2 * self.image_size}): an image resized on the host '

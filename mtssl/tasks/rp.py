@@ -349,9 +349,10 @@ class RelativePositionTask(base.Task):
     features: index, patches [2, p, p, 3] (trunk inputs, VGG convention),
       corners [2, 2] (y, x of each patch in the resized image), image_size
       [2] (the resized image). labels: label []. With device_preprocessing
-      `device_inputs` completes the patches (from the resized windows; with
-      colour dropping their kept channel, kept_channels [2], noise_key [2, 1]
-      and noise_counter [2, 2]).
+      `device_inputs` makes the patches from the windows' source pixels
+      (window_*, `windows.cut`; with colour dropping of the kept channel
+      alone) and, with colour dropping, kept_channels [2], noise_key [2, 1]
+      and noise_counter [2, 2].
     """
     cfg = self.config
     seed = patches.example_seed(seed, index, _SALT)
