@@ -40,11 +40,11 @@ def resized_windows(image, height, width, corners, size: int):
   scale = (tf.cast(tf.stack([height, width]), tf.float32) /
            tf.cast(tf.shape(image)[1:3], tf.float32))
   corners = tf.cast(corners, tf.float32)
-  windows = [tf.raw_ops.ScaleAndTranslate(
+  out = [tf.raw_ops.ScaleAndTranslate(
       images=image, size=tf.constant([size, size], tf.int32), scale=scale,
       translation=-corners[i], kernel_type='triangle', antialias=True)
-             for i in range(corners.shape[0])]
-  return tf.clip_by_value(tf.concat(windows, axis=0), 0.0, 255.0)
+         for i in range(corners.shape[0])]
+  return tf.clip_by_value(tf.concat(out, axis=0), 0.0, 255.0)
 
 
 def _bounds(corners, scale, size: int, shape):
