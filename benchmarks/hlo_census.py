@@ -17,6 +17,9 @@ Usage (from the repository root):
       --tasks rp,ex,ms,col --precision bf16 --out /tmp/census.json
   python benchmarks/hlo_census.py --files DUMP/*after_optimizations.txt
 
+`--device_preprocessing` turns rp's, col's and ex's preprocessing in the
+step on, as the GPU preset runs them (their steps then hold the resizes,
+warps, noise and colour work that moved from the input pipeline).
 `--finite_check`, `--moving_statistics` and `--guard` pick the guarded
 update's variants (mtssl/training/core.py) so the census compares them;
 `--emit_xla DIR` also writes the replay bundle of each step
@@ -24,6 +27,7 @@ update's variants (mtssl/training/core.py) so the census compares them;
 """
 
 import argparse
+import dataclasses
 import collections
 import json
 import os
@@ -214,8 +218,10 @@ def table(rows):
 
 def build(args):
   """{task: (step, features, labels, examples)} at the preset's size."""
-  from mtssl import benchmark  # pylint: disable=g-import-not-at-top
+  from mtssl.benchmarking import settings as settings_lib  # pylint: disable=g-import-not-at-top
+  from mtssl.benchmarking import steps as steps_lib  # pylint: disable=g-import-not-at-top
   from mtssl.training import core  # pylint: disable=g-import-not-at-top
+  from mtssl import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from mtssl.training import step as step_lib  # pylint: disable=g-import-not-at-top
   tasks = args.tasks.split(',')
   batch_sizes = None
@@ -226,14 +232,22 @@ def build(args):
       if not value.isdigit():
         raise SystemExit(f'--batch_sizes: expected task=N, got {item!r}')
       batch_sizes[name] = int(value)
-  settings = benchmark.settings_from_preset(args.preset, tasks,
-                                            trunk=args.trunk,
-                                            batch_sizes=batch_sizes)
-  task_objects = {n: benchmark.make_task(n, c)
+  overrides = None
+  if args.device_preprocessing:
+    # The tasks that have the setting (rp, col, ex) get it on, as the GPU
+    # preset does: their steps then hold the moved preprocessing.
+    overrides = {n: {'device_preprocessing': True} for n in tasks
+                 if 'device_preprocessing' in {
+                     f.name for f in dataclasses.fields(
+                         tasks_lib.get_task_class(n).config_class)}}
+  settings = settings_lib.settings_from_preset(
+      args.preset, tasks, trunk=args.trunk, batch_sizes=batch_sizes,
+      task_overrides=overrides)
+  task_objects = {n: settings_lib.make_task(n, c)
                   for n, c in settings.task_configs.items()}
-  batches = benchmark.first_batches(task_objects, settings.data, settings.seed)
+  batches = settings_lib.first_batches(task_objects, settings.data, settings.seed)
   options = guard_options(args)
-  policy = benchmark.POLICIES[args.precision]
+  policy = steps_lib.POLICIES[args.precision]
   out = {}
   with core.precision_policy(policy):
     model = core.build_model(settings.trunk, settings.output_stride,
@@ -268,6 +282,9 @@ def main(argv=None):
   parser.add_argument('--precision', default='bf16',
                       choices=('fp32', 'bf16', 'fp16'))
   parser.add_argument('--native_atrous', action='store_true')
+  parser.add_argument('--device_preprocessing', action='store_true',
+                      help='rp, col and ex with their preprocessing in the '
+                      'step (as the GPU preset runs them)')
   parser.add_argument('--stages', default='hlo,optimized_hlo')
   parser.add_argument('--finite_check', default=None,
                       choices=('per_gradient', 'fused'))
@@ -330,8 +347,8 @@ def main(argv=None):
     if args.emit_xla:
       sys.path.insert(0, args.replay_tool)
       import prepare  # pylint: disable=g-import-not-at-top
-      from mtssl import benchmark  # pylint: disable=g-import-not-at-top
-      macs = benchmark.forward_macs(step.model, name, features)
+      from mtssl.benchmarking import accounting  # pylint: disable=g-import-not-at-top
+      macs = accounting.forward_macs(step.model, name, features)
       # Training FLOPs: 6 x forward MACs (the step benchmark's convention).
       prepare.emit(step._step, (features, labels), args.emit_xla,  # pylint: disable=protected-access
                    f'{label.replace(" ", "_")}_{args.precision}_b{examples}',
