@@ -60,6 +60,36 @@ class ResampleTest(tf.test.TestCase):
       self.assertAllEqual(got[i], _on_host(image, tf.constant([100, 90]),
                                            corners[i]))
 
+  def test_pixels_a_window_does_not_read_change_nothing(self):
+    # A region is a block of the image, not only the pixels its window
+    # reads: the others must get zero weight. Changing every pixel more than
+    # three beyond each window's reach leaves the windows equal bit for bit.
+    rng = np.random.default_rng(2)
+    for t in range(6):
+      # The first image is smaller than a region (regions zero-padded).
+      height, width = (int(n) for n in rng.integers(*(
+          (30, 50) if t == 0 else (120, 300)), 2))
+      image = rng.integers(0, 256, (height, width, 3)).astype(np.float32)
+      other = rng.integers(0, 256, (height, width, 3)).astype(np.float32)
+      h, w, _ = (int(x) for x in rp.resized_shape(
+          height, width, int(rng.integers(15000, 40000)), 80))
+      corners = rp.sample_pair_geometry(h, w, tf.constant([t, 5], tf.int64),
+                                        PATCH, 16, 3)['corners'].numpy()
+      changed = other.copy()
+      for corner in corners:
+        spans = []
+        for axis, scale in enumerate((h / height, w / width)):
+          reach = 1.0 / min(scale, 1.0) + 3
+          spans.append(slice(
+              max(int(np.floor((corner[axis] + 0.5) / scale - reach)), 0),
+              int(np.ceil((corner[axis] + PATCH - 0.5) / scale + reach)) + 1))
+        changed[tuple(spans)] = image[tuple(spans)]
+      got = [windows.resample(**windows.cut(
+          tf.constant(x), tf.constant([h, w]), tf.constant(corners), PATCH,
+          REGION, _on_host), size=PATCH) for x in (image, changed)]
+      self.assertAllEqual(got[0], got[1])
+      self.assertNotAllEqual(image, changed)
+
   def test_one_channel_per_window_and_leading_axes(self):
     image = tf.random.stateless_uniform([120, 150, 3], [3, 4], maxval=255.0)
     corners = tf.constant([[0, 0], [90, 120], [40, 10]])
