@@ -1,10 +1,19 @@
 """mtssl.ops.warp against TensorFlow's ImageProjectiveTransformV3 kernel."""
 
+import os
+
 import numpy as np
 import tensorflow as tf
 
 from mtssl.ops import warp
 from mtssl.tasks import ex
+
+# Measured over 40 draws of the test below, 1 and 2 threads: 1.2e-7 under
+# XLA at its default, 3.6e-5 with XLA's CPU backend at LLVM level 0 (the
+# suite's setting, tests/conftest.py: unfused multiply-adds move the far-off
+# coordinates, which REFLECT folds, by more).
+XLA_TOLERANCE = (1e-4 if '--xla_backend_optimization_level=0'
+                 in os.environ.get('XLA_FLAGS', '') else 1e-6)
 
 
 def _kernel(images, transforms, size):
@@ -34,9 +43,8 @@ class ProjectiveBilinearTest(tf.test.TestCase):
       want = _kernel(images, transforms, 24)
       self.assertAllEqual(warp.projective_bilinear(images, transforms,
                                                    [24, 24]), want)
-      # Measured (1, 2 and 8 threads, 256x256 images): 1.2e-7 under XLA.
       self.assertAllClose(compiled(images, transforms, [24, 24]), want,
-                          atol=1e-6, rtol=0)
+                          atol=XLA_TOLERANCE, rtol=0)
 
   def test_views_of_a_batch_index_their_images(self):
     images = tf.random.stateless_uniform([2, 40, 40, 3], [1, 2])
