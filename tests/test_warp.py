@@ -10,8 +10,8 @@ from mtssl.tasks import ex
 
 # Measured over 40 draws of the test below, 1 and 2 threads: 1.2e-7 under
 # XLA at its default, 3.6e-5 with XLA's CPU backend at LLVM level 0 (the
-# suite's setting, tests/conftest.py: unfused multiply-adds move the far-off
-# coordinates, which REFLECT folds, by more).
+# suite's setting, tests/conftest.py), the largest errors on the draws whose
+# coordinates lie far outside the image.
 XLA_TOLERANCE = (1e-4 if '--xla_backend_optimization_level=0'
                  in os.environ.get('XLA_FLAGS', '') else 1e-6)
 
