@@ -84,11 +84,11 @@ def cut(image, resized, corners, size: int, region: int, window_fn,
   extent = end - first
   fits = tf.reduce_all(extent <= region, axis=1)
 
-  # A region is a slice of its own size, moved inside the image where the
-  # window's pixels lie near an edge (the pixels a window does not read get
-  # zero weight), of the image zero-padded to a region where it is smaller.
-  # In the input pipeline this costs a seventh of slicing the window's
-  # extent and padding that (0.03 against 0.22 ms a pair, measured).
+  # A region is a region-sized block of the image (zero-padded to a region
+  # where it is smaller), moved inside the image where a window lies near an
+  # edge; the pixels the window does not read get zero weight. In the input
+  # pipeline this costs a seventh of slicing the window's extent and padding
+  # that (0.03 against 0.22 ms a pair, measured).
   short = tf.maximum(region - shape, 0)
   source = tf.cond(tf.reduce_any(short > 0), lambda: tf.pad(
       image, [[0, short[0]], [0, short[1]], [0, 0]]), lambda: image)
